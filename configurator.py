@@ -23,9 +23,9 @@ for arg in sys.argv[1:]:
             _fail(f"cannot read config file {arg}: {e.strerror}")
         print(f"Overriding config with {arg}:")
         print(config_source)
-        before = dict(globals())
+        _before = dict(globals())
         exec(config_source)
-        unknown = [k for k in globals() if k not in before and not k.startswith('_')]
+        unknown = [k for k in globals() if k not in _before and not k.startswith('_')]
         if unknown:
             _fail(f"{arg}: unknown config key(s) {', '.join(unknown)}")
     else:

@@ -1,0 +1,31 @@
+"""configurator.py: overrides, config files, and one-line errors for unknown keys and wrong types."""
+import subprocess, sys, os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = "batch_size = 8\nlr = 1e-3\nname = 'x'\ncompile = False\nexec(open('configurator.py').read())\nprint(batch_size, lr, name, compile)\n"
+
+def run(tmp_path, *args):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True)
+
+def test_overrides_and_config_file(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("batch_size = 4\nname = 'from_file'\n")
+    r = run(tmp_path, str(cfg), "--lr=3", "--compile=True")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "4 3.0 from_file True"
+
+def test_unknown_key(tmp_path):
+    r = run(tmp_path, "--bach_size=4")
+    assert r.returncode != 0 and "unknown config key: bach_size" in r.stderr
+
+def test_wrong_type(tmp_path):
+    r = run(tmp_path, "--batch_size=abc")
+    assert r.returncode != 0 and "--batch_size: expected int, got str" in r.stderr
+
+def test_unknown_key_in_config_file(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("batchsize = 4\n")
+    r = run(tmp_path, str(cfg))
+    assert r.returncode != 0 and "unknown config key(s) batchsize" in r.stderr

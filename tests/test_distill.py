@@ -1,0 +1,251 @@
+"""distill.py: every loss equals a brute-force computation, vanishes when student == teacher, OPD lowers the KL to the
+teacher, 2-process DDP gives the 1-process update, resume is exact. Tiny random models, random mels, CPU, seeded."""
+import copy
+import math
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import distill
+from distill import masked_log_softmax, opd_loss, opd_step, pack, rollout, Rescore, diagnostics
+from model import ModelDimensions, Whisper
+
+V, EOT, SOT = 60, 0, 1
+TOK = SimpleNamespace(eot=EOT, sot=SOT, suppress=[SOT, 2], suppress_blank=[EOT], sot_sequence=lambda language=None: [SOT])
+LOSSES = ['topk_union', 'fkl', 'rkl', 'jsd', 'pg']
+
+@pytest.fixture(autouse=True)
+def one_thread():  # 2 shared cores: a second OpenMP thread only spins
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def tiny(seed, std=None, n_vocab=V, n_audio_ctx=100):
+    torch.manual_seed(seed)
+    model = Whisper(ModelDimensions(n_mels=80, n_audio_ctx=n_audio_ctx, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
+                                    n_vocab=n_vocab, n_text_ctx=40, n_text_state=64, n_text_head=4, n_text_layer=2))
+    if std:  # peaked outputs, so decoding is not trivial
+        for p in model.parameters():
+            p.data.normal_(0, std)
+    return model
+
+def cfg(**kw):
+    c = {k: getattr(distill, k) for k in distill.config_keys}
+    c.update(topk=8, max_new_tokens=12, tokens_per_second=4.0, length_slack=4)
+    c.update(kw)
+    return SimpleNamespace(**c)
+
+def batch_of(B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {'mel': torch.randn(B, 80, 120, generator=g), 'duration': torch.tensor([1.0, 2.0, 1.5, 0.5][:B] * (B // 4 or 1)),
+            'audio': [f'a{b}.wav' for b in range(B)]}
+
+def scored(student, teacher, B=4):
+    """Rollout of the student, then both models' masked log-probs at the scored positions."""
+    batch = batch_of(B)
+    with torch.no_grad():
+        xa_s, xa_t = student.encoder(batch['mel']), teacher.encoder(batch['mel'])
+    seqs, ended = rollout(student, xa_s, [[SOT]] * B, TOK, 12, [8, 3, 12, 5][:B])
+    tokens, targets = pack([[SOT]] * B, seqs, ended, EOT)
+    valid = targets != -100
+    with torch.no_grad():
+        lp_t = masked_log_softmax(teacher.decoder(tokens, xa_t)[valid], TOK.suppress)
+    lp_s = masked_log_softmax(student.decoder(tokens, xa_s)[valid], TOK.suppress)
+    return lp_s, lp_t, targets[valid], seqs, ended
+
+def brute(lp_s, lp_t, x, loss, k, tau, beta):
+    """The losses with python loops over positions and vocabulary."""
+    out = []
+    for i in range(len(x)):
+        s, t = lp_s[i].tolist(), lp_t[i].tolist()
+        ids = [j for j in range(V) if math.isfinite(t[j])]
+        if loss == 'pg':
+            out.append((s[x[i]] - t[x[i]]) * s[x[i]])
+            continue
+        if loss == 'topk_union':
+            top = lambda v: sorted(range(V), key=lambda j: -v[j])[:k]
+            ids = [j for j in set(top(s)) | set(top(t)) if math.isfinite(s[j]) and math.isfinite(t[j])]
+            if len(ids) < 2:
+                out.append(0.0)
+                continue
+        def dist(v):
+            z = sum(math.exp(v[j] / tau) for j in ids)
+            return {j: math.exp(v[j] / tau) / z for j in ids}
+        ps, pt = dist(s), dist(t)
+        kl = lambda p, q: sum(p[j] * math.log(p[j] / q[j]) for j in ids if p[j] > 0)
+        if loss in ('topk_union', 'fkl'):
+            d = kl(pt, ps)
+        elif loss == 'rkl':
+            d = kl(ps, pt)
+        else:
+            m = {j: beta * pt[j] + (1 - beta) * ps[j] for j in ids}
+            d = beta * kl(pt, m) + (1 - beta) * kl(ps, m)
+        out.append(tau ** 2 * d)
+    return out
+
+@pytest.mark.parametrize('loss', LOSSES)
+def test_loss_equals_brute_force(loss):
+    lp_s, lp_t, x, seqs, ended = scored(tiny(1, 0.3), tiny(2, 0.3))
+    assert len(x) > 10 and lp_t[:, TOK.suppress].isinf().all()
+    for k, tau, beta in ((8, 1.0, 0.5), (3, 2.0, 0.2)):
+        per_pos, ok = opd_loss(lp_s, lp_t, x, loss, k, tau, beta)
+        assert per_pos.tolist() == pytest.approx(brute(lp_s.detach(), lp_t, x.tolist(), loss, k, tau, beta), rel=1e-4, abs=1e-6)
+    if loss == 'pg':  # d loss / d log p_S(x) = log p_S(x) - log p_T(x), the (negative) reward
+        leaf = lp_s.detach().requires_grad_()
+        opd_loss(leaf, lp_t, x, 'pg')[0].sum().backward()
+        rows = torch.arange(len(x))
+        torch.testing.assert_close(leaf.grad[rows, x], (leaf - lp_t)[rows, x].detach())
+
+def test_topk_union_with_full_k_is_forward_kl_and_vuss():
+    lp_s, lp_t, x, _, _ = scored(tiny(1, 0.3), tiny(2, 0.3))
+    torch.testing.assert_close(opd_loss(lp_s, lp_t, x, 'topk_union', k=V)[0], opd_loss(lp_s, lp_t, x, 'fkl')[0])
+    d = diagnostics(lp_s, lp_t, k=8)
+    assert 8 <= d['vuss'] / d['positions'] <= 16 and 0 <= d['overlap'] / d['positions'] <= 1
+    d = diagnostics(lp_t, lp_t, k=8)
+    assert d['vuss'] == 8 * d['positions'] and d['overlap'] == d['positions'] and d['kl_st'] == 0
+
+def test_rollout_bounds_and_teacher_rollouts():
+    assert distill.cut_repeats([5, 6, 7, 5, 6, 9], 2) == ([5, 6, 7, 5, 6], True)
+    assert distill.cut_repeats([5, 6, 7], 2) == ([5, 6, 7], False)
+    assert distill.length_bounds([0.0, 2.0], 6.0, 8) == [8, 20]
+    teacher, student = tiny(1, 0.3), tiny(2, 0.3)
+    batch = batch_of()
+    with torch.no_grad():
+        xa = teacher.encoder(batch['mel'])
+    seqs, ended = rollout(teacher, xa, [[SOT]] * 4, TOK, 12, [3, 4, 5, 6])
+    assert [len(s) for s in seqs] == [3, 4, 5, 6] and not any(ended)  # a peaked random model never ends: cut by the bound
+    c = cfg(length_slack=0, tokens_per_second=4.0)  # bounds 4, 8, 6, 2 for durations 1, 2, 1.5, 0.5 s
+    _, n, stats = opd_step(student, Rescore(student), teacher, TOK, batch, [[SOT]] * 4, xa, xa, c, teacher_rollout=True)
+    assert n == stats['rollout_len'] == 4 + 8 + 6 + 2 and stats['ended'] == 0  # no EOT target after a cut
+
+def test_encoder_cache_memory_and_disk(tmp_path):
+    model = tiny(8)
+    mel = torch.randn(3, 80, 120)
+    cache = distill.EncoderCache(model.encoder, directory=str(tmp_path))
+    xa = cache(mel, ['a', 'b', 'c'])
+    torch.testing.assert_close(xa, model.encoder(mel).detach().half().float())
+    again = distill.EncoderCache(model.encoder, directory=str(tmp_path))  # a later run: read from disk, not recomputed
+    assert torch.equal(again(torch.zeros(2, 80, 120), ['c', 'a']), xa[[2, 0]])
+
+def test_pack_targets_rollout_plus_eot_only_when_ended():
+    tokens, targets = pack([[1], [1, 5]], [[7, 8], [9]], [True, False], EOT)
+    assert tokens.tolist() == [[1, 7, 8], [1, 5, EOT]]  # EOT pads
+    assert targets.tolist() == [[7, 8, EOT], [-100, 9, -100]]
+
+@pytest.mark.parametrize('loss', LOSSES)
+def test_zero_when_student_is_teacher(loss):
+    teacher = tiny(3, 0.3)
+    student = copy.deepcopy(teacher).train()
+    before = copy.deepcopy(student.state_dict())
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.0)
+    batch = batch_of()
+    with torch.no_grad():
+        xa = teacher.encoder(batch['mel'])
+    total, n, stats = opd_step(student, Rescore(student), teacher, TOK, batch, [[SOT]] * 4, xa, None, cfg(loss=loss))
+    assert n > 10 and abs(total.item()) < 1e-6 and stats['kl_st'] < 1e-6 and stats['vuss'] == 8 * stats['positions']
+    (total / n).backward()
+    assert max(p.grad.abs().max().item() for p in student.parameters() if p.grad is not None) < 1e-7
+    for p in student.parameters():  # tiny rounding in the gradients must not become an Adam step of size lr
+        p.grad = torch.where(p.grad.abs() < 1e-7, 0.0, p.grad)
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+def test_opd_lowers_kl_to_teacher():
+    teacher, student = tiny(4, 0.5), tiny(5)
+    student.encoder.load_state_dict(teacher.encoder.state_dict())  # the demo's setting: shared frozen encoder
+    student.encoder.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.95))
+    batch = batch_of(8)
+    with torch.no_grad():
+        xa = teacher.encoder(batch['mel'])
+    c, rescore, kls = cfg(), Rescore(student), []
+    for step in range(60):
+        total, n, stats = opd_step(student, rescore, teacher, TOK, batch, [[SOT]] * 8, xa, xa, c)
+        (total / n.clamp(min=1)).backward()
+        opt.step()
+        opt.zero_grad()
+        kls.append(stats['kl_ts'] / stats['positions'])
+    print('KL(T||S) first/last', kls[0], kls[-1])
+    assert kls[-1] < 0.2 * kls[0]  # 2.1 -> 0.13 nats/token
+
+# -----------------------------------------------------------------------------
+# the whole loop on a tiny corpus: DDP equivalence and exact resume
+
+@pytest.fixture(scope='module')
+def setup(tiny_corpus, tiny_tokenizer, tmp_path_factory):
+    from data import read_manifest, write_manifest
+    d = tmp_path_factory.mktemp('distill')
+    rows = read_manifest(os.path.join(tiny_corpus, 'train.jsonl'))[:4]
+    write_manifest(str(d / 'train4.jsonl'), rows)
+    n_vocab = tiny_tokenizer.n_vocab
+    for name, seed, std in (('teacher', 6, 0.3), ('student', 7, None)):
+        m = tiny(seed, std, n_vocab, n_audio_ctx=400)
+        if name == 'teacher':  # a bias towards EOT, so that its greedy transcripts end (mode='td' keeps only those)
+            m.decoder.ln.bias.data += 0.5 * m.decoder.token_embedding.weight[tiny_tokenizer.eot]
+        torch.save({'model': m.state_dict(), 'model_args': vars(m.dims), 'tokenizer': tiny_tokenizer.to_dict()},
+                   str(d / f'{name}.pt'))
+    return dict(teacher_path=str(d / 'teacher.pt'), init_from=str(d / 'student.pt'), train_manifest=str(d / 'train4.jsonl'),
+                val_manifest=os.path.join(tiny_corpus, 'val.jsonl'), freeze_encoder=False, eval_interval=0,
+                log_interval=1, batch_size=4, learning_rate=1e-3, warmup_iters=0, topk=8, tokens_per_second=4.0,
+                max_new_tokens=16, seed=3, n_frames=400), d
+
+def _weights(path):
+    return torch.load(path, map_location='cpu', weights_only=False)['model']
+
+def _ddp_worker(rank, port, overrides):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distill.distill(overrides)
+    torch.distributed.destroy_process_group()
+
+def test_ddp_two_processes_equal_one(setup):
+    base, d = setup
+    one = distill.distill(dict(base, out_dir=str(d / 'one'), max_iters=1))
+    assert one['iter'] == 1 and math.isfinite(one['loss'])
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, dict(base, out_dir=str(d / 'two'), max_iters=1, batch_size=2)),
+                                nprocs=2)
+    w1, w2 = _weights(str(d / 'one' / 'ckpt.pt')), _weights(str(d / 'two' / 'ckpt.pt'))
+    w0 = _weights(base['init_from'])
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # it did train
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-5)
+
+def test_resume_is_exact_and_checkpoint_loads(setup):
+    base, d = setup
+    distill.distill(dict(base, out_dir=str(d / 'straight'), max_iters=4, temperature=1.0, n_samples=2, lr_decay_iters=4))
+    distill.distill(dict(base, out_dir=str(d / 'resumed'), max_iters=2, temperature=1.0, n_samples=2, lr_decay_iters=4))
+    s = distill.distill(dict(base, out_dir=str(d / 'resumed'), max_iters=4, init_from='resume', temperature=1.0, n_samples=2,
+                                lr_decay_iters=4))
+    assert s['iter'] == 4
+    a, b = _weights(str(d / 'straight' / 'ckpt.pt')), _weights(str(d / 'resumed' / 'ckpt.pt'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    import evaluate
+    model, tok = evaluate.load_checkpoint(str(d / 'resumed' / 'ckpt.pt'))
+    assert tok.n_vocab == model.dims.n_vocab
+
+@pytest.mark.parametrize('mode', ['td', 'sft'])
+def test_baselines_run(setup, mode):
+    base, d = setup
+    s = distill.distill(dict(base, out_dir=str(d / mode), max_iters=2, mode=mode, eval_interval=2))
+    assert s['iter'] == 2 and math.isfinite(s['loss']) and s['val_wer'] is not None
+    if mode == 'td':
+        assert os.path.exists(str(d / mode / 'teacher_labels.jsonl'))
+
+def test_nan_guard_stops(setup):
+    base, d = setup
+    with pytest.raises(SystemExit):
+        distill.distill(dict(base, out_dir=str(d / 'nan'), max_iters=2, tau=float('nan')))
+    assert not os.path.exists(str(d / 'nan' / 'ckpt.pt'))
+
+@pytest.mark.slow
+def test_compiled_path_runs(setup):
+    base, d = setup
+    s = distill.distill(dict(base, out_dir=str(d / 'compiled'), max_iters=2, compile=True))
+    assert s['iter'] == 2 and math.isfinite(s['loss'])
