@@ -386,3 +386,23 @@ def test_beam5_mostly_matches_faster_whisper(weights, tmp_path, name):
     agree = sum(a == b for a, b in zip(ours, ref)) / len(ref)
     print(f"{name}: beam 5 agreement {agree:.0%} on {len(ref)} utterances")
     assert agree >= 0.9, list(zip(ours, ref))
+
+def test_openai_whisper_transcribes_exported_pt_like_us(tiny, tmp_path):
+    """The exported .pt in openai-whisper's own decoding gives our greedy transcript of a real utterance."""
+    whisper = pytest.importorskip("whisper")
+    import data
+    model, tok = tiny
+    path = str(tmp_path / "tiny.en.pt")
+    teacher.save_pt(model, path, tok)
+    ref = whisper.load_model(path, device="cpu")
+    wav = str(tmp_path / "fox.wav")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", wav, "the quick brown fox jumps over the lazy dog"], check=True)
+    audio = data.load_audio(wav)
+    theirs = whisper.decode(ref, whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio))),
+                            whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False)).text
+    with torch.no_grad():
+        xa = model.encoder(data.whisper_mel(audio)[None])
+        ours, _, _ = model.generate(xa, tok.sot_sequence(), tok.eot, max_new_tokens=224,
+                                    suppress=tok.suppress, suppress_blank=tok.suppress_blank)
+    assert tok.decode(ours[0]).strip() == theirs.strip()
+    assert "quick brown fox" in theirs.lower()

@@ -1,0 +1,264 @@
+"""
+The paper's Table 1 in miniature, on real Whisper weights (CPU is enough):
+
+    python demo.py                      # the full demo (natural-text espeak corpus, Whisper base teacher)
+    python demo.py --small              # a ~5-minute smoke run (tiny corpus, a few steps per row)
+    python demo.py --rows=base,opd      # some rows only; later rows reuse earlier rows' checkpoints under out/demo/
+    python demo.py --seed=1
+
+Rows: base = a 2-layer-decoder student on base's frozen encoder, SFT on a few percent of the labels; from base, on the
+rest of the audio without labels and with the same number of student updates: opd (topk_union, greedy rollouts, the
+paper), opd_rkl (reverse KL, sampled rollouts), td (SFT on the teacher's transcripts), td_opd (td's checkpoint, then opd).
+Reference rows: teacher (Whisper base, greedy) and tiny_en (Whisper tiny.en, greedy). Everything goes to out/demo/
+(results.json, one directory per row with ckpt.pt / log.jsonl / summary.json, demo.png if matplotlib is installed).
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import data
+import distill
+import evaluate
+import teacher
+
+OUT = 'out/demo'
+STUDENT_ROWS = ['base', 'opd', 'opd_rkl', 'td', 'td_opd']
+REF_ROWS = ['teacher', 'tiny_en']
+FULL = dict(corpus='data/synth_fortunes', n_train=1000, n_val=50, n_test=200, label_frac=0.08, sft_iters=150,
+            iters=150, batch_size=8, warmup=15, val_max_utts=50, speed_utts=32)
+SMALL = dict(corpus='data/synth_fortunes_small', n_train=30, n_val=4, n_test=10, label_frac=0.10, sft_iters=12,
+             iters=3, batch_size=4, warmup=1, val_max_utts=0, speed_utts=4)
+
+def parse_args(argv):
+    args = {'small': False, 'rows': STUDENT_ROWS + REF_ROWS, 'seed': 1337}
+    for a in argv:
+        if a == '--small':
+            args['small'] = True
+        elif a.startswith('--rows='):
+            args['rows'] = [r for r in a.split('=', 1)[1].split(',') if r]
+        elif a.startswith('--seed='):
+            args['seed'] = int(a.split('=', 1)[1])
+        else:
+            raise SystemExit(f"usage: python demo.py [--small] [--rows={','.join(STUDENT_ROWS + REF_ROWS)}] [--seed=N]; got {a}")
+    unknown = set(args['rows']) - set(STUDENT_ROWS + REF_ROWS)
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}")
+    return args
+
+def prepare_data(cfg, out, seed):
+    """Weights, corpus, and the labeled / unlabeled split of train (the unlabeled manifest has no "text")."""
+    teacher.assemble_weights('weights')
+    if not os.path.exists(os.path.join(cfg['corpus'], 'test.jsonl')):
+        data.synth_corpus(cfg['corpus'], text='fortunes', n_train=cfg['n_train'], n_val=cfg['n_val'],
+                          n_test=cfg['n_test'], holdout_voices=2, seed=seed)
+    train = data.read_manifest(os.path.join(cfg['corpus'], 'train.jsonl'))
+    n_lab = max(1, int(cfg['label_frac'] * len(train)))
+    labeled, unlabeled = train[:n_lab], [{k: v for k, v in r.items() if k != 'text'} for r in train[n_lab:]]
+    os.makedirs(out, exist_ok=True)
+    paths = {'labeled': os.path.join(out, 'labeled.jsonl'), 'unlabeled': os.path.join(out, 'unlabeled.jsonl'),
+             'val': os.path.join(cfg['corpus'], 'val.jsonl'), 'test': os.path.join(cfg['corpus'], 'test.jsonl')}
+    data.write_manifest(paths['labeled'], labeled)
+    data.write_manifest(paths['unlabeled'], unlabeled)
+    print(f"demo data: {len(labeled)} labeled + {len(unlabeled)} unlabeled train utterances, "
+          f"{len(data.read_manifest(paths['test']))} test -> {out}")
+    return paths
+
+def row_config(row, cfg, paths, out, seed):
+    """distill() overrides of one student row; rows after base start from base's (or td's) checkpoint."""
+    common = dict(teacher_path='weights/base', student_layers=2, freeze_encoder=True, seed=seed,
+                  encoder_cache_dir=os.path.join(out, 'encoder_cache'), out_dir=os.path.join(out, row),
+                  val_manifest=paths['val'] if cfg['val_max_utts'] else '', val_max_utts=max(cfg['val_max_utts'], 1),
+                  batch_size=cfg['batch_size'], warmup_iters=cfg['warmup'], max_iters=cfg['iters'],
+                  eval_interval=0, log_interval=1, ngram_stop=4)
+    base_ckpt = os.path.join(out, 'base', 'ckpt.pt')
+    if row == 'base':
+        return dict(common, mode='sft', init_from='teacher', train_manifest=paths['labeled'], max_iters=cfg['sft_iters'],
+                    learning_rate=3e-4)
+    unl = dict(common, train_manifest=paths['unlabeled'], init_from=base_ckpt)
+    if row == 'opd':
+        return dict(unl, mode='opd', loss='topk_union', temperature=0.0)
+    if row == 'opd_rkl':
+        return dict(unl, mode='opd', loss='rkl', temperature=1.0)
+    if row == 'td':
+        return dict(unl, mode='td')
+    if row == 'td_opd':
+        return dict(unl, mode='opd', loss='topk_union', temperature=0.0, init_from=os.path.join(out, 'td', 'ckpt.pt'))
+    raise ValueError(row)
+
+def train_row(row, cfg, paths, out, seed):
+    """Run one student row unless its checkpoint and summary already exist; returns its summary (+ wall seconds)."""
+    rdir = os.path.join(out, row)
+    summary_path = os.path.join(rdir, 'summary.json')
+    if os.path.exists(os.path.join(rdir, 'ckpt.pt')) and os.path.exists(summary_path):
+        print(f"{row}: reusing {rdir}/ckpt.pt")
+        with open(summary_path) as f:
+            return json.load(f)
+    overrides = row_config(row, cfg, paths, out, seed)
+    if overrides['init_from'] != 'teacher' and not os.path.exists(overrides['init_from']):
+        need = 'td' if row == 'td_opd' else 'base'
+        raise SystemExit(f"{row} needs {overrides['init_from']}: run --rows={need} first")
+    if os.path.exists(os.path.join(rdir, 'log.jsonl')):
+        os.remove(os.path.join(rdir, 'log.jsonl'))  # a fresh log for the VUSS summary
+    print(f"=== {row}: mode={overrides['mode']}" + (f", loss={overrides.get('loss')}" if overrides['mode'] == 'opd' else ''))
+    t0 = time.time()
+    summary = distill.distill(overrides)
+    summary['wall_s'] = time.time() - t0
+    summary['vuss_log'] = vuss_of(os.path.join(rdir, 'log.jsonl'))
+    with open(summary_path, 'w') as f:
+        json.dump(summary, f, indent=1, default=str)
+    return summary
+
+def vuss_of(log_path):
+    """Mean / min / max of the logged VUSS values of an OPD run (None for other modes)."""
+    if not os.path.exists(log_path):
+        return None
+    with open(log_path) as f:
+        vals = [r['vuss'] for r in map(json.loads, f) if 'vuss' in r]
+    return {'mean': sum(vals) / len(vals), 'min': min(vals), 'max': max(vals)} if vals else None
+
+def decode_cached(model, tok, rows, cache, batch_size=16):
+    """Greedy transcripts like evaluate.transcribe, but from the shared frozen encoder's cached outputs (computed once
+    per test utterance for all base-encoder rows: the teacher and every student), as distill's val WER does."""
+    batches = data.Batches(rows, None, batch_size=batch_size, n_mels=model.dims.n_mels, n_frames=data.N_FRAMES,
+                           shuffle=False)
+    hyps = [None] * len(rows)
+    model.eval()
+    for batch in batches:
+        xa = cache(batch['mel'], batch['audio'])
+        prompts = [tok.sot_sequence(rows[i].get('lang')) for i in batch['index']]
+        with torch.no_grad():
+            seqs, _ = distill.rollout(model, xa, prompts, tok, model.dims.n_text_ctx // 2)
+        for i, s in zip(batch['index'], seqs):
+            hyps[i] = tok.decode(s).strip()
+    return hyps
+
+def row_path(row, out):
+    return {'teacher': 'weights/base', 'tiny_en': 'weights/tiny.en'}.get(row, os.path.join(out, row, 'ckpt.pt'))
+
+def evaluate_row(row, out, test_rows, cache):
+    """Test WER, S/D/I, median per-utterance WER. tiny_en (its own encoder) goes through evaluate.transcribe; the
+    base-encoder rows decode from the cached encoder outputs (their RTFx here is decoder-only; see measure_speed)."""
+    path = row_path(row, out)
+    if not os.path.exists(path):
+        print(f"{row}: no {path}, skipped")
+        return None
+    model, tok = evaluate.load_checkpoint(path)
+    t0 = time.time()
+    if row == 'tiny_en':
+        hyps = evaluate.transcribe(model, tok, test_rows, batch_size=16)
+    else:
+        hyps = decode_cached(model, tok, test_rows, cache)
+    wall = time.time() - t0
+    res = evaluate.report(test_rows, hyps, wall)
+    res.update(eval_wall_s=wall, params=model.get_num_params(), decode='transcribe' if row == 'tiny_en' else 'cached_encoder')
+    print(f"{row}: WER {100 * res['wer']:.2f}% (S {res['s']} D {res['d']} I {res['i']} of {res['n']}), "
+          f"median utt {100 * res['median_utt_wer']:.1f}%, {wall:.1f} s")
+    return res
+
+def measure_speed(student_row, out, rows):
+    """Greedy decode speed (RTFx = audio seconds / wall seconds, encoder included) of the student and the teacher,
+    with evaluate.transcribe on the same utterances, back to back in this process."""
+    speed = {'student_row': student_row, 'utterances': len(rows)}
+    for name, path in (('teacher', row_path('teacher', out)), ('student', row_path(student_row, out))):
+        model, tok = evaluate.load_checkpoint(path)
+        evaluate.transcribe(model, tok, rows[:2])  # warm-up
+        t0 = time.time()
+        hyps = evaluate.transcribe(model, tok, rows, batch_size=16)
+        res = evaluate.report(rows, hyps, time.time() - t0)
+        speed[f'{name}_rtfx'], speed[f'{name}_wall_s'] = res['rtfx'], time.time() - t0
+    speed['speedup'] = speed['student_rtfx'] / speed['teacher_rtfx']
+    print(f"greedy decode speed ({len(rows)} test utterances, one run): {student_row} RTFx {speed['student_rtfx']:.1f} "
+          f"vs teacher {speed['teacher_rtfx']:.1f} ({speed['speedup']:.2f}x)")
+    return speed
+
+def print_table(results):
+    print(f"\n{'row':<9} {'WER%':>7} {'S':>5} {'D':>5} {'I':>5} {'N':>5} {'med%':>6} {'VUSS':>6} "
+          f"{'train_s':>8} {'eval_s':>7}")
+    for row in REF_ROWS + STUDENT_ROWS:
+        r = results.get(row)
+        if not r or 'wer' not in r:
+            continue
+        vuss = f"{r['vuss']['mean']:.2f}" if r.get('vuss') else '-'
+        train_s = f"{r['train_wall_s']:.0f}" if r.get('train_wall_s') is not None else '-'
+        print(f"{row:<9} {100 * r['wer']:7.2f} {r['s']:5d} {r['d']:5d} {r['i']:5d} {r['n']:5d} "
+              f"{100 * r['median_utt_wer']:6.1f} {vuss:>6} {train_s:>8} {r['eval_wall_s']:7.1f}")
+    b, t = results.get('base'), results.get('teacher')
+    if b and t and 'wer' in b and 'wer' in t and b['wer'] != t['wer']:
+        for row in ('opd', 'opd_rkl', 'td', 'td_opd'):
+            if results.get(row, {}).get('wer') is not None:
+                closed = (b['wer'] - results[row]['wer']) / (b['wer'] - t['wer'])
+                print(f"{row}: closes {100 * closed:.0f}% of the base -> teacher WER gap")
+
+def plot(results, out):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    rows = [r for r in REF_ROWS + STUDENT_ROWS if results.get(r, {}).get('wer') is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(rows, [100 * results[r]['wer'] for r in rows])
+    ax.set_ylabel('test WER (%)')
+    ax.set_title('nanoOPD: Table 1 in miniature')
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'demo.png'), dpi=120)
+    print(f"wrote {os.path.join(out, 'demo.png')}")
+
+def main(argv):
+    args = parse_args(argv)
+    cfg = SMALL if args['small'] else FULL
+    out = OUT + ('_small' if args['small'] else '')
+    torch.manual_seed(args['seed'])
+    t_all = time.time()
+    stages = {}
+    t0 = time.time()
+    paths = prepare_data(cfg, out, args['seed'])
+    stages['data'] = time.time() - t0
+    results_path = os.path.join(out, 'results.json')
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    for row in STUDENT_ROWS:  # in order: later rows start from earlier rows' checkpoints
+        if row in args['rows']:
+            s = train_row(row, cfg, paths, out, args['seed'])
+            stages[f'train_{row}'] = s.get('wall_s')
+            results[row] = {'train_wall_s': s.get('wall_s'), 'train_iters': s.get('iter'),
+                            'vuss': s.get('vuss_log'), 'summary': s}
+    test_rows = data.read_manifest(paths['test'])
+    teacher_model, _ = evaluate.load_checkpoint('weights/base')
+    cache = distill.EncoderCache(teacher_model.encoder, True, os.path.join(out, 'encoder_cache'))  # shared with training
+    for row in REF_ROWS + STUDENT_ROWS:
+        if row in args['rows']:
+            t0 = time.time()
+            res = evaluate_row(row, out, test_rows, cache)
+            stages[f'eval_{row}'] = time.time() - t0
+            if res is not None:
+                res.pop('utts')  # per-utterance transcripts stay out of the table file
+                results[row] = dict(results.get(row, {}), **res)
+    student = next((r for r in ('td_opd', 'opd', 'base') if r in args['rows'] and os.path.exists(row_path(r, out))), None)
+    if student and 'teacher' in args['rows']:
+        t0 = time.time()
+        results['speed'] = measure_speed(student, out, test_rows[:cfg['speed_utts']])
+        stages['speed'] = time.time() - t0
+    stages['total'] = time.time() - t_all
+    results['stages_s'] = dict(results.get('stages_s', {}), **stages)
+    results['config'] = dict(cfg, seed=args['seed'], small=args['small'])
+    print_table(results)
+    if 'speed' in results:
+        sp = results['speed']
+        print(f"greedy decode speed (one run, {sp['utterances']} utts, encoder included): {sp['student_row']} RTFx "
+              f"{sp['student_rtfx']:.1f} vs teacher {sp['teacher_rtfx']:.1f} ({sp['speedup']:.2f}x)")
+    print('stage seconds: ' + ', '.join(f"{k} {v:.0f}" for k, v in stages.items() if v is not None))
+    with open(results_path + '.tmp', 'w') as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(results_path + '.tmp', results_path)
+    print(f"wrote {results_path}")
+    plot(results, out)
+    return results
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
