@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what nanoOPD needs on a fresh machine: pinned CPU torch first, then the rest, then espeak-ng.
+# Installs what nanoOPD needs on a fresh machine: pinned CPU torch first, then the rest, then espeak-ng and fortunes.
 # Usage: bash setup.sh          (run time: demo, training, distillation)
 #        bash setup.sh --test   (also the test-only reference packages)
 set -euo pipefail
@@ -10,7 +10,8 @@ $PIP -r requirements.txt
 if [ "${1:-}" = "--test" ]; then $PIP -r requirements-test.txt; fi
 need=""
 command -v espeak-ng >/dev/null || need="$need espeak-ng"
-[ -d /usr/share/games/fortunes ] || need="$need fortunes"
+[ -f /usr/share/games/fortunes/computers ] || need="$need fortunes"
+[ -f /usr/share/games/fortunes/chinese ] || need="$need fortunes-zh"  # Mandarin text for the optional zh corpus
 if [ -n "$need" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $need >/dev/null
