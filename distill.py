@@ -340,12 +340,13 @@ def _fail(msg):
 
 def load_model(path):
     """Our checkpoint or Whisper weights -> (model, tokenizer, frozen parameter names saved with it)."""
-    model, tok = evaluate.load_checkpoint(path)
-    frozen = []
-    if os.path.isfile(path):
+    if os.path.isfile(path):  # read the file once: a student checkpoint also carries its optimizer state
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
-        frozen = ckpt.get('frozen', []) if isinstance(ckpt, dict) else []
-    return model, tok, frozen
+        if evaluate.is_our_checkpoint(ckpt):
+            model, tok = evaluate.model_from_checkpoint(ckpt)
+            return model.eval(), tok, ckpt.get('frozen', [])
+    model, tok = evaluate.load_checkpoint(path)  # Whisper weights: .pt, HF or CT2
+    return model, tok, []
 
 def teacher_labels(teacher, tok, rows, encode, cfg, prompts_of, path):
     """mode='td': the teacher's greedy transcripts of rows, made once and kept in path (a manifest). Transcripts that do

@@ -267,6 +267,18 @@ def transcribe(model, tokenizer, rows, batch_size=16, beam=1, language=None, n_f
 # -----------------------------------------------------------------------------
 # checkpoints and the command line
 
+def is_our_checkpoint(ckpt):
+    return isinstance(ckpt, dict) and "model_args" in ckpt and "tokenizer" in ckpt
+
+def model_from_checkpoint(ckpt):
+    """Our checkpoint dict (already loaded) -> (model, tokenizer)."""
+    import data
+    from model import Whisper, ModelDimensions
+    model = Whisper(ModelDimensions(**ckpt["model_args"]))
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(state)
+    return model, data.tokenizer_from_dict(ckpt["tokenizer"])
+
 def load_checkpoint(path, device="cpu"):
     """Our training checkpoint {model, model_args, tokenizer, ...} or any Whisper format (teacher.load_whisper)."""
     import torch
@@ -274,13 +286,9 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path}: checkpoint not found")
     if os.path.isfile(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if isinstance(ckpt, dict) and "model_args" in ckpt and "tokenizer" in ckpt:
-            import data
-            from model import Whisper, ModelDimensions
-            model = Whisper(ModelDimensions(**ckpt["model_args"]))
-            state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-            model.load_state_dict(state)
-            return model.to(device).eval(), data.tokenizer_from_dict(ckpt["tokenizer"])
+        if is_our_checkpoint(ckpt):
+            model, tokenizer = model_from_checkpoint(ckpt)
+            return model.to(device).eval(), tokenizer
     from teacher import load_whisper
     model, tokenizer = load_whisper(path)
     return model.to(device).eval(), tokenizer

@@ -278,11 +278,14 @@ def _ct2_state_dict(variables, path):
         n_text_head=int(variables["decoder/num_heads"]), n_text_layer=n_dec)
     return dims, sd
 
+def _require(*files, holds):
+    for f in files:
+        if not os.path.exists(f):
+            raise ValueError(f"{f}: file not found ({holds})")
+
 def load_ct2(directory, language=None):
     model_bin, config = os.path.join(directory, "model.bin"), os.path.join(directory, "config.json")
-    for f in (model_bin, config):
-        if not os.path.exists(f):
-            raise ValueError(f"{f}: file not found (a CTranslate2 directory holds model.bin, config.json, tokenizer.json)")
+    _require(model_bin, config, holds="a CTranslate2 directory holds model.bin, config.json, tokenizer.json")
     cfg = _read_json(config)
     missing = [k for k in ("suppress_ids", "suppress_ids_begin") if k not in cfg]
     if missing:
@@ -420,9 +423,7 @@ HF_FIELDS = {"num_mel_bins": "n_mels", "max_source_positions": "n_audio_ctx", "d
 
 def load_hf(directory, language=None):
     config, weights = os.path.join(directory, "config.json"), os.path.join(directory, "model.safetensors")
-    for f in (config, weights):
-        if not os.path.exists(f):
-            raise ValueError(f"{f}: file not found (a Hugging Face Whisper directory holds config.json and model.safetensors)")
+    _require(config, weights, holds="a Hugging Face Whisper directory holds config.json and model.safetensors")
     cfg = _read_json(config)
     missing = [k for k in HF_FIELDS if k not in cfg]
     if missing:
