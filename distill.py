@@ -48,12 +48,14 @@ out_dir = 'out/distill'
 eval_interval = 100  # student WER on val_manifest every eval_interval steps (0 = only at the end)
 log_interval = 10
 eval_only = False
-always_save_checkpoint = False  # False: mid-run saves only when val WER improves (the end of the run always saves)
+always_save_checkpoint = False  # False: save when val WER improves, and at the end of a run that saved nothing
 init_from = 'teacher'  # 'teacher' (make_student(teacher)), 'resume' (out_dir/ckpt.pt), or a student checkpoint path
 # teacher and student
 teacher_path = 'weights/base'  # Whisper weights (.pt / HF dir / CT2 dir) or our checkpoint; frozen, never trained
 student_layers = 2  # init_from='teacher': decoder layers of the student (teacher's first and last, distil-whisper style)
 freeze_encoder = True
+freeze_embeddings = False  # True: the decoder's token (= tied output) and position embeddings stay the teacher's
+dropout = 0.0  # the student's dropout in training steps (rollouts and evaluation always run without)
 encoder_cache = True  # keep frozen encoders' outputs per audio file (only with a fixed n_frames, e.g. Whisper's 3000)
 encoder_cache_dir = ''  # also persist them there in float16, for later runs ('' = in memory only)
 # data
@@ -111,16 +113,6 @@ def length_bounds(durations, per_second=tokens_per_second, slack=length_slack):
     max_new_tokens (half of a naive OPD step was spent there). Raise per_second for character-level vocabularies."""
     return [math.ceil(slack + per_second * d) for d in durations]
 
-def cut_repeats(tokens, n):
-    """Cut where an n-gram occurs for the second time (keeping it: the teacher's score there is the signal)."""
-    seen = set()
-    for i in range(n - 1, len(tokens)):
-        gram = tuple(tokens[i - n + 1:i + 1])
-        if gram in seen:
-            return tokens[:i + 1], True
-        seen.add(gram)
-    return tokens, False
-
 def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=0.0, top_p=1.0, generator=None, ngram_stop=0):
     """model transcribes the audio itself: KV-cached greedy or sampling, no grad, dropout off, control tokens masked
     except EOT. Returns (tokens without prompt/EOT, ended: EOT reached) per utterance; one generate call per prompt."""
@@ -133,12 +125,9 @@ def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=
         out, _, end = model.generate(xa[idx], list(prompt), tok.eot, max_new_tokens=max_new_tokens,
                                      suppress=tok.suppress, suppress_blank=tok.suppress_blank, temperature=temperature,
                                      top_p=top_p, max_lens=None if max_lens is None else [max_lens[b] for b in idx],
-                                     generator=generator)
+                                     generator=generator, stop_ngram=ngram_stop)
         for b, t, e in zip(idx, out, end):
-            cut = False
-            if ngram_stop > 0:
-                t, cut = cut_repeats(t, ngram_stop)
-            tokens[b], ended[b] = t, e and not cut
+            tokens[b], ended[b] = t, e
     model.train(was_training)
     return tokens, ended
 
@@ -241,8 +230,10 @@ class EncoderCache:
         if directory:
             os.makedirs(directory, exist_ok=True)
 
-    def _file(self, path, T):
-        return os.path.join(self.directory, hashlib.sha1(f"{self.tag}|{T}|{os.path.abspath(path)}".encode()).hexdigest() + '.pt')
+    def _file(self, path, T):  # the file's size and mtime are in the key: a regenerated corpus is not read stale
+        st = os.stat(path)
+        key = f"{self.tag}|{T}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+        return os.path.join(self.directory, hashlib.sha1(key.encode()).hexdigest() + '.pt')
 
     @torch.no_grad()
     def __call__(self, mel, paths):
@@ -411,9 +402,14 @@ def distill(overrides=None):
         student, student_tok, frozen = load_model(cfg.init_from)
         if student_tok.to_dict() != tok.to_dict():
             _fail(f"{cfg.init_from} and {cfg.teacher_path} have different tokenizers")
+    if student.dims.dropout != cfg.dropout:  # rebuild with this run's dropout (a module attribute, fixed at construction)
+        weights, student = student.state_dict(), Whisper(dataclasses.replace(student.dims, dropout=cfg.dropout))
+        student.load_state_dict(weights)
     if cfg.freeze_encoder:
         frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters() if n.startswith('encoder.')})
     frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters() if n.startswith('ctc_head.')})  # unused here
+    if cfg.freeze_embeddings:
+        frozen = sorted(set(frozen) | {'decoder.token_embedding.weight', 'decoder.positional_embedding'})
     for n, p in student.named_parameters():
         p.requires_grad_(n not in frozen)
     student.to(device).train()
@@ -497,15 +493,16 @@ def distill(overrides=None):
         return batches.collate(plan[loader['step'] - 1])
 
     @torch.no_grad()
-    def val_wer():  # greedy, like evaluate.transcribe, but reusing the cached encoder outputs
-        if not val_rows:
+    def val_wer():  # greedy, like evaluate.transcribe, but reusing the cached encoder outputs; a loop stops at the
+        if not val_rows:  # rollouts' length bound (a loop still costs its insertions, not 200 tokens of decoding)
             return None
         hyps, t0 = [], time.time()
         for batch in val_batches:
             xa_t, xa_s = encode(batch)
             with ctx:
                 xa = xa_s if xa_s is not None else student.eval().encoder(batch['mel'].to(device))
-                seqs, _ = rollout(student, xa, [prompts_of(val_rows[i]) for i in batch['index']], tok, dims.n_text_ctx // 2)
+                seqs, _ = rollout(student, xa, [prompts_of(val_rows[i]) for i in batch['index']], tok, dims.n_text_ctx // 2,
+                                  length_bounds(batch['duration'].tolist(), cfg.tokens_per_second, cfg.length_slack))
             hyps += [tok.decode(s).strip() for s in seqs]
         student.train()
         return evaluate.report(val_rows, hyps, time.time() - t0, cfg.language or None)['wer']
@@ -542,7 +539,7 @@ def distill(overrides=None):
 
     keys = ['loss', 'kl_st', 'kl_ts', 'vuss', 'overlap', 'positions', 'rollout_len', 'ended', 'rollouts', 'n', 'ce_n',
             't_rollout', 't_teacher', 't_step']
-    sums, t_start, start_iter, last_logged = dict.fromkeys(keys, 0.0), time.time(), iter_num, iter_num
+    sums, t_start, start_iter, last_logged, saved = dict.fromkeys(keys, 0.0), time.time(), iter_num, iter_num, False
     while True:
         last = iter_num >= cfg.max_iters
         if (last or (cfg.eval_interval and iter_num % cfg.eval_interval == 0)) and iter_num > start_iter:
@@ -554,8 +551,9 @@ def distill(overrides=None):
                 print(f"iter {iter_num}: val WER {100 * wer:.2f}% on {len(val_rows)} utts")
                 log_json({'iter': iter_num, 'val_wer': wer, 'minutes': (time.time() - t_start) / 60})
                 summary['val_wer'], best_val_wer = wer, min(best_val_wer, wer)
-            if last or improved[0] or cfg.always_save_checkpoint:
+            if improved[0] or cfg.always_save_checkpoint or (last and not saved):
                 save_checkpoint()
+                saved = True
         if last:
             break
         lr = get_lr(iter_num)

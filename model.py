@@ -201,13 +201,16 @@ class Whisper(nn.Module):
 
     @torch.no_grad()
     def generate(self, xa, prompt, eot, max_new_tokens=None, suppress=(), suppress_blank=(), temperature=0.0,
-                 top_p=1.0, max_lens=None, generator=None):
+                 top_p=1.0, max_lens=None, generator=None, stop_ngram=0):
         """Batched greedy decoding (temperature 0) or sampling, KV-cached.
-        xa: encoder output (B, S, D); prompt: list[int] shared by the batch; max_lens: optional per-utterance bound.
+        xa: encoder output (B, S, D); prompt: list[int] shared by the batch; max_lens: optional per-utterance bound;
+        stop_ngram > 0: stop a sequence where an n-gram of that size occurs the second time (a loop), keeping it.
         Returns (tokens, logprobs, ended): lists over the batch, without prompt and EOT; ended[b] says EOT was reached."""
         B, device = xa.shape[0], xa.device
         limit = self.dims.n_text_ctx - len(prompt)
         max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
+        bounds = [max_new_tokens] * B if max_lens is None else [min(int(m), max_new_tokens) for m in max_lens]
+        seen = [set() for _ in range(B)]  # stop_ngram: the n-grams each sequence has produced
         kv_cache = {}
         logits = self.decoder(torch.tensor([prompt] * B, device=device), xa, kv_cache)[:, -1]
         tokens = torch.zeros(B, 0, dtype=torch.long, device=device)
@@ -231,17 +234,20 @@ class Whisper(nn.Module):
             logprobs = torch.cat([logprobs, logp.gather(1, next_token[:, None])], dim=1)
             ended |= ~done & (next_token == eot)
             done |= next_token == eot
-            if max_lens is not None:
-                done |= torch.as_tensor(max_lens, device=device) <= step + 1
+            if stop_ngram and step + 1 >= stop_ngram:
+                for b in (~done).nonzero().flatten().tolist():
+                    gram = tuple(tokens[b, -stop_ngram:].tolist())
+                    if gram in seen[b]:
+                        bounds[b] = step + 1
+                    seen[b].add(gram)
+            done |= torch.as_tensor(bounds, device=device) <= step + 1
             if done.all():
                 break
             logits = self.decoder(next_token[:, None], xa, kv_cache)[:, -1]
         out_tokens, out_logprobs = [], []
         for b in range(B):
             t = tokens[b].tolist()
-            n = t.index(eot) if eot in t else len(t)
-            if max_lens is not None:
-                n = min(n, int(max_lens[b]))
+            n = min(t.index(eot) if eot in t else len(t), bounds[b])
             out_tokens.append(t[:n])
             out_logprobs.append(logprobs[b, :n].tolist())
         return out_tokens, out_logprobs, ended.tolist()

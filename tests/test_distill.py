@@ -108,9 +108,13 @@ def test_topk_union_with_full_k_is_forward_kl_and_vuss():
     d = diagnostics(lp_t, lp_t, k=8)
     assert d['vuss'] == 8 * d['positions'] and d['overlap'] == d['positions'] and d['kl_st'] == 0
 
+def first_repeat(tokens, n):  # brute force: the prefix that ends where some n-gram occurs for the second time
+    for i in range(n, len(tokens) + 1):
+        if tuple(tokens[i - n:i]) in {tuple(tokens[j - n:j]) for j in range(n, i)}:
+            return tokens[:i]
+    return tokens
+
 def test_rollout_bounds_and_teacher_rollouts():
-    assert distill.cut_repeats([5, 6, 7, 5, 6, 9], 2) == ([5, 6, 7, 5, 6], True)
-    assert distill.cut_repeats([5, 6, 7], 2) == ([5, 6, 7], False)
     assert distill.length_bounds([0.0, 2.0], 6.0, 8) == [8, 20]
     teacher, student = tiny(1, 0.3), tiny(2, 0.3)
     batch = batch_of()
@@ -118,6 +122,11 @@ def test_rollout_bounds_and_teacher_rollouts():
         xa = teacher.encoder(batch['mel'])
     seqs, ended = rollout(teacher, xa, [[SOT]] * 4, TOK, 12, [3, 4, 5, 6])
     assert [len(s) for s in seqs] == [3, 4, 5, 6] and not any(ended)  # a peaked random model never ends: cut by the bound
+    full, _ = rollout(student, xa, [[SOT]] * 4, TOK, 30)
+    for n in (1, 2, 3):  # the loop stop inside generate == cutting the unstopped rollout at its first repeated n-gram
+        cut, ended = rollout(student, xa, [[SOT]] * 4, TOK, 30, ngram_stop=n)
+        assert cut == [first_repeat(s, n) for s in full] and not any(ended)
+    assert any(len(c) < len(s) for c, s in zip(cut, full))
     c = cfg(length_slack=0, tokens_per_second=4.0)  # bounds 4, 8, 6, 2 for durations 1, 2, 1.5, 0.5 s
     _, n, stats = opd_step(student, Rescore(student), teacher, TOK, batch, [[SOT]] * 4, xa, xa, c, teacher_rollout=True)
     assert n == stats['rollout_len'] == 4 + 8 + 6 + 2 and stats['ended'] == 0  # no EOT target after a cut
@@ -125,11 +134,17 @@ def test_rollout_bounds_and_teacher_rollouts():
 def test_encoder_cache_memory_and_disk(tmp_path):
     model = tiny(8)
     mel = torch.randn(3, 80, 120)
-    cache = distill.EncoderCache(model.encoder, directory=str(tmp_path))
-    xa = cache(mel, ['a', 'b', 'c'])
+    paths = [str(tmp_path / f"{name}.wav") for name in 'abc']  # the cache keys on the file's path, size and mtime
+    for p in paths:
+        open(p, 'w').write('x')
+    cache = distill.EncoderCache(model.encoder, directory=str(tmp_path / 'cache'))
+    xa = cache(mel, paths)
     torch.testing.assert_close(xa, model.encoder(mel).detach().half().float())
-    again = distill.EncoderCache(model.encoder, directory=str(tmp_path))  # a later run: read from disk, not recomputed
-    assert torch.equal(again(torch.zeros(2, 80, 120), ['c', 'a']), xa[[2, 0]])
+    again = distill.EncoderCache(model.encoder, directory=str(tmp_path / 'cache'))  # a later run: read from disk
+    assert torch.equal(again(torch.zeros(2, 80, 120), [paths[2], paths[0]]), xa[[2, 0]])
+    open(paths[0], 'w').write('a regenerated file')  # a new corpus at the same path: encoded again, not read stale
+    fresh = distill.EncoderCache(model.encoder, directory=str(tmp_path / 'cache'))
+    assert torch.equal(fresh(torch.zeros(1, 80, 120), [paths[0]]), model.encoder(torch.zeros(1, 80, 120)).detach().half().float())
 
 def test_pack_targets_rollout_plus_eot_only_when_ended():
     tokens, targets = pack([[1], [1, 5]], [[7, 8], [9]], [True, False], EOT)
@@ -237,6 +252,18 @@ def test_baselines_run(setup, mode):
     assert s['iter'] == 2 and math.isfinite(s['loss']) and s['val_wer'] is not None
     if mode == 'td':
         assert os.path.exists(str(d / mode / 'teacher_labels.jsonl'))
+
+def test_best_val_checkpoint_and_dropout(setup):
+    import json
+    base, d = setup
+    out = d / 'best'
+    distill.distill(dict(base, out_dir=str(out), max_iters=4, mode='sft', eval_interval=1, learning_rate=3e-3, dropout=0.2))
+    log = [r for r in map(json.loads, open(out / 'log.jsonl')) if 'val_wer' in r]
+    best = min(log, key=lambda r: r['val_wer'])  # the first of equal bests: a tie does not replace the checkpoint
+    ckpt = torch.load(str(out / 'ckpt.pt'), map_location='cpu', weights_only=False)
+    assert ckpt['iter_num'] == best['iter'] and ckpt['best_val_wer'] == best['val_wer'] and ckpt['model_args']['dropout'] == 0.2
+    s = distill.distill(dict(base, out_dir=str(d / 'no_dropout'), init_from=str(out / 'ckpt.pt'), max_iters=1))
+    assert torch.load(s['ckpt'], map_location='cpu', weights_only=False)['model_args']['dropout'] == 0.0
 
 def test_nan_guard_stops(setup):
     base, d = setup
