@@ -441,6 +441,8 @@ class SentencePieceTokenizer:
     def encode(self, text):
         return self.sp.encode(text)
 
+    encode_text = encode  # a transcript as a training target (Whisper's tokenizer prefixes a space)
+
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.n_vocab and not self.sp.is_control(int(i))])
 
@@ -544,7 +546,7 @@ class Batches:
         prompt = self.tokenizer.sot_sequence(self.language or row.get('lang'))
         if row.get('text') is None:
             return prompt, [-100] * len(prompt)
-        seq = prompt + self.tokenizer.encode(row['text']) + [self.tokenizer.eot]
+        seq = prompt + self.tokenizer.encode_text(row['text']) + [self.tokenizer.eot]
         targets = seq[1:]
         targets[:len(prompt) - 1] = [-100] * (len(prompt) - 1)  # the last prompt position predicts the first text token
         return seq[:-1], targets

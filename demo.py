@@ -32,9 +32,10 @@ REF_ROWS = ['teacher', 'tiny_en']
 # label_frac of the n_train training utterances keep their labels (base's SFT data); n_unlabeled of the others are the
 # unlabeled audio of the later rows (about what iters x batch_size steps read: every clip costs one encoder pass).
 FULL = dict(corpus='data/synth_fortunes', n_train=3000, n_val=50, n_test=200, label_frac=0.10, n_unlabeled=400,
-            sft_iters=150, iters=50, batch_size=8, warmup=5, val_max_utts=50, speed_utts=32)
+            sft_iters=300, sft_lr=2e-4, sft_eval=50, iters=50, lr=1e-4, batch_size=8, warmup=5, val_max_utts=50,
+            speed_utts=32)
 SMALL = dict(corpus='data/synth_fortunes_small', n_train=30, n_val=4, n_test=10, label_frac=0.10, n_unlabeled=27,
-             sft_iters=12, iters=3, batch_size=4, warmup=1, val_max_utts=0, speed_utts=4)
+             sft_iters=12, sft_lr=2e-4, sft_eval=6, iters=3, lr=1e-4, batch_size=4, warmup=1, val_max_utts=4, speed_utts=4)
 CORPUS_SEED = 1337  # the corpus (texts, voices) is the same for every --seed; seeds change the training
 
 def parse_args(argv):
@@ -92,17 +93,19 @@ def encode_all(paths, batch_size=8):
     return cache
 
 def row_config(row, cfg, paths, out, seed):
-    """distill() overrides of one student row; rows after base start from base's (or td's) checkpoint."""
-    common = dict(teacher_path='weights/base', student_layers=2, freeze_encoder=True, seed=seed,
-                  encoder_cache_dir=CACHE_DIR, out_dir=os.path.join(out, row),
+    """distill() overrides of one student row; rows after base start from base's (or td's) checkpoint. Every row trains
+    the 2 decoder layers only: the encoder and the (tied) token and position embeddings stay the teacher's."""
+    common = dict(teacher_path='weights/base', student_layers=2, freeze_encoder=True, freeze_embeddings=True, seed=seed,
+                  encoder_cache_dir=CACHE_DIR, out_dir=os.path.join(out, row), batch_size=cfg['batch_size'],
                   val_manifest=paths['val'] if cfg['val_max_utts'] else '', val_max_utts=max(cfg['val_max_utts'], 1),
-                  batch_size=cfg['batch_size'], warmup_iters=cfg['warmup'], max_iters=cfg['iters'],
-                  eval_interval=0, log_interval=1, ngram_stop=4)
-    base_ckpt = os.path.join(out, 'base', 'ckpt.pt')
-    if row == 'base':
+                  log_interval=5, ngram_stop=4)
+    if row == 'base':  # SFT on the labeled few: dropout, and the best val WER's checkpoint (it overfits fast)
         return dict(common, mode='sft', init_from='teacher', train_manifest=paths['labeled'], max_iters=cfg['sft_iters'],
-                    learning_rate=3e-4)
-    unl = dict(common, train_manifest=paths['unlabeled'], init_from=base_ckpt)
+                    learning_rate=cfg['sft_lr'], warmup_iters=10, dropout=0.1, eval_interval=cfg['sft_eval'])
+    # the unlabeled rows: the same number of updates each, and their last weights (no selection on val)
+    unl = dict(common, train_manifest=paths['unlabeled'], init_from=os.path.join(out, 'base', 'ckpt.pt'),
+               max_iters=cfg['iters'], learning_rate=cfg['lr'], warmup_iters=cfg['warmup'], eval_interval=0,
+               always_save_checkpoint=True)
     if row == 'opd':
         return dict(unl, mode='opd', loss='topk_union', temperature=0.0)
     if row == 'opd_rkl':

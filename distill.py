@@ -433,7 +433,7 @@ def distill(overrides=None):
 
     # data: OPD reads only the audio; td reads the teacher's transcripts; sft the labels
     def fits(row):
-        n_tok = len(prompts_of(row)) + (len(tok.encode(row['text'])) + 1 if row.get('text') else cfg.max_new_tokens)
+        n_tok = len(prompts_of(row)) + (len(tok.encode_text(row['text'])) + 1 if row.get('text') else cfg.max_new_tokens)
         return row['duration'] * 100 <= dims.n_audio_ctx * dims.conv_stride and n_tok <= dims.n_text_ctx
     train_rows = [r for r in data.read_manifest(cfg.train_manifest) if fits(r)]
     val_rows = [r for r in data.read_manifest(cfg.val_manifest) if fits(dict(r, text=None))][:cfg.val_max_utts] \

@@ -86,6 +86,11 @@ class WhisperTokenizer:
     def encode(self, text):
         return self.encoding.encode_ordinary(text)
 
+    def encode_text(self, text):
+        """A transcript as Whisper emits it: after a space (" Why are...", not "Why are..."); labels without it teach a
+        student a first token that the teacher gives ~0 probability."""
+        return self.encode(" " + text.strip())
+
     def decode(self, ids):
         return self.encoding.decode([int(i) for i in ids if i < self.eot])
 

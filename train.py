@@ -183,7 +183,7 @@ if not n_frames and dims.n_audio_ctx == 1500 and tokenizer.to_dict()['kind'] == 
 model.to(device)
 
 def fits(row):  # drop what the model cannot take: too many tokens or frames
-    n_tok = len(tokenizer.sot_sequence(language or row.get('lang'))) + len(tokenizer.encode(row.get('text') or '')) + 1
+    n_tok = len(tokenizer.sot_sequence(language or row.get('lang'))) + len(tokenizer.encode_text(row.get('text') or '')) + 1
     return n_tok <= dims.n_text_ctx and row['duration'] * 100 <= dims.n_audio_ctx * dims.conv_stride
 
 n_rows = len(train_rows)

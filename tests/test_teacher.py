@@ -347,7 +347,7 @@ def faster_whisper_transcripts(model_dir, audios, language="en", beam_size=1):
         texts.append("".join(s.text for s in segments).strip())
     return texts
 
-def our_transcripts(model, tok, audios, language="en", batch_size=8, beam_size=1):
+def our_transcripts(model, tok, audios, language="en", batch_size=8, beam_size=1, ids=None):
     texts = []
     for i in range(0, len(audios), batch_size):
         mel = torch.stack([_fw_features(a) for a in audios[i:i + batch_size]])
@@ -357,6 +357,8 @@ def our_transcripts(model, tok, audios, language="en", batch_size=8, beam_size=1
             tokens, _, _ = decode(model.encoder(mel), tok.sot_sequence(language), tok.eot, max_new_tokens=224,
                                   suppress=tok.suppress, suppress_blank=tok.suppress_blank)
         texts += [tok.decode(t).strip() for t in tokens]
+        if ids is not None:
+            ids += tokens
     return texts
 
 @pytest.mark.slow
@@ -367,9 +369,14 @@ def test_greedy_matches_faster_whisper(weights, tmp_path, name):
     model_dir = os.path.join(weights, name)
     model, tok = teacher.load_whisper(model_dir)
     torch.set_num_threads(2)
-    ours = our_transcripts(model, tok, audios)
+    ids = []
+    ours = our_transcripts(model, tok, audios, ids=ids)
     ref = faster_whisper_transcripts(model_dir, audios)
     assert ours == ref
+    # training targets (encode_text of a stripped transcript, as TD and SFT make them) are the tokens Whisper emits,
+    # starting with a space: without it a student learns a first token the teacher gives ~0 probability
+    assert all(tok.decode(t[:1]).startswith(" ") for t in ids)
+    assert sum(tok.encode_text(text) == t for text, t in zip(ours, ids)) >= 0.9 * len(ids)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny.en", "base"])
