@@ -4,13 +4,15 @@ The paper's Table 1 in miniature, on real Whisper weights (CPU is enough):
     python demo.py                      # the full demo (natural-text espeak corpus, Whisper base teacher)
     python demo.py --small              # a ~5-minute smoke run (tiny corpus, a few steps per row)
     python demo.py --rows=base,opd      # some rows only; later rows reuse earlier rows' checkpoints under out/demo/
-    python demo.py --seed=1
+    python demo.py --seed=1             # another training seed (same corpus) -> out/demo_seed1/
 
-Rows: base = a 2-layer-decoder student on base's frozen encoder, SFT on a few percent of the labels; from base, on the
-rest of the audio without labels and with the same number of student updates: opd (topk_union, greedy rollouts, the
-paper), opd_rkl (reverse KL, sampled rollouts), td (SFT on the teacher's transcripts), td_opd (td's checkpoint, then opd).
-Reference rows: teacher (Whisper base, greedy) and tiny_en (Whisper tiny.en, greedy). Everything goes to out/demo/
-(results.json, one directory per row with ckpt.pt / log.jsonl / summary.json, demo.png if matplotlib is installed).
+Rows: base = a 2-layer-decoder student on Whisper base's frozen encoder (decoder layers 0 and 5 of the teacher), SFT on
+10% of the training labels; from base, on other training audio without its labels and with the same number of student
+updates: opd (topk_union, greedy rollouts: the paper), opd_rkl (reverse KL, sampled rollouts), td (SFT on the teacher's
+transcripts), td_opd (td's checkpoint, then opd). Reference rows: teacher (Whisper base, greedy) and tiny_en (Whisper
+tiny.en, greedy). Stages: data (weights, espeak corpus), encode (base's encoder once per clip, cached on disk), one per
+row, eval (test WER), speed. Everything goes to out/demo/: results.json, demo.png (matplotlib), one directory per row
+(ckpt.pt for evaluate.py --ckpt, log.jsonl, summary.json; whisper.pt for openai-whisper from opd and td_opd).
 """
 import json
 import os
@@ -135,6 +137,10 @@ def train_row(row, cfg, paths, out, seed):
     summary = distill.distill(overrides)
     summary['wall_s'] = time.time() - t0
     summary['vuss_log'] = vuss_of(os.path.join(rdir, 'log.jsonl'))
+    if row in ('opd', 'td_opd'):  # the distilled students, also in openai-whisper's format (whisper.load_model opens it)
+        model, tok = evaluate.load_checkpoint(summary['ckpt'])
+        summary['whisper_pt'] = os.path.join(rdir, 'whisper.pt')
+        teacher.save_pt(model, summary['whisper_pt'], tok)
     with open(summary_path, 'w') as f:
         json.dump(summary, f, indent=1, default=str)
     return summary
@@ -186,9 +192,10 @@ def evaluate_row(row, out, test_rows, cache):
           f"median utt {100 * res['median_utt_wer']:.1f}%, {wall:.1f} s")
     return res
 
-def measure_speed(student_row, out, rows):
-    """Greedy decode speed (RTFx = audio seconds / wall seconds, encoder included) of the student and the teacher,
-    with evaluate.transcribe on the same utterances, back to back in this process."""
+def measure_speed(student_row, out, rows, cache):
+    """Greedy decode speed of the student and the teacher, back to back in this process on the same utterances: RTFx
+    (audio seconds / wall seconds) of evaluate.transcribe, encoder included, and the decoder alone (from the cached
+    encoder outputs) in ms per emitted token: what the smaller decoder saves (the encoder is the same)."""
     speed = {'student_row': student_row, 'utterances': len(rows)}
     for name, path in (('teacher', row_path('teacher', out)), ('student', row_path(student_row, out))):
         model, tok = evaluate.load_checkpoint(path)
@@ -197,9 +204,12 @@ def measure_speed(student_row, out, rows):
         hyps = evaluate.transcribe(model, tok, rows, batch_size=16)
         res = evaluate.report(rows, hyps, time.time() - t0)
         speed[f'{name}_rtfx'], speed[f'{name}_wall_s'] = res['rtfx'], time.time() - t0
+        t0 = time.time()
+        hyps = decode_cached(model, tok, rows, cache)
+        n_tok = sum(len(tok.encode_text(h)) + 1 for h in hyps)  # + EOT
+        speed[f'{name}_decoder_ms_per_token'] = 1000 * (time.time() - t0) / n_tok
     speed['speedup'] = speed['student_rtfx'] / speed['teacher_rtfx']
-    print(f"greedy decode speed ({len(rows)} test utterances, one run): {student_row} RTFx {speed['student_rtfx']:.1f} "
-          f"vs teacher {speed['teacher_rtfx']:.1f} ({speed['speedup']:.2f}x)")
+    speed['decoder_speedup'] = speed['teacher_decoder_ms_per_token'] / speed['student_decoder_ms_per_token']
     return speed
 
 def print_table(results):
@@ -284,7 +294,7 @@ def main(argv):
     student = next((r for r in ('td_opd', 'opd', 'base') if r in args['rows'] and os.path.exists(row_path(r, out))), None)
     if student and 'teacher' in args['rows']:
         t0 = time.time()
-        results['speed'] = measure_speed(student, out, test_rows[:cfg['speed_utts']])
+        results['speed'] = measure_speed(student, out, test_rows[:cfg['speed_utts']], cache)
         stages['speed'] = time.time() - t0
     stages['total'] = time.time() - t_all
     results['stages_s'] = dict(results.get('stages_s', {}), **stages)
@@ -293,7 +303,9 @@ def main(argv):
     if 'speed' in results:
         sp = results['speed']
         print(f"greedy decode speed (one run, {sp['utterances']} utts, encoder included): {sp['student_row']} RTFx "
-              f"{sp['student_rtfx']:.1f} vs teacher {sp['teacher_rtfx']:.1f} ({sp['speedup']:.2f}x)")
+              f"{sp['student_rtfx']:.1f} vs teacher {sp['teacher_rtfx']:.1f} ({sp['speedup']:.2f}x); decoder alone "
+              f"{sp['student_decoder_ms_per_token']:.1f} vs {sp['teacher_decoder_ms_per_token']:.1f} ms/token "
+              f"({sp['decoder_speedup']:.2f}x)")
     print('stage seconds: ' + ', '.join(f"{k} {v:.0f}" for k, v in stages.items() if v is not None))
     with open(results_path + '.tmp', 'w') as f:
         json.dump(results, f, indent=1, default=str)

@@ -276,3 +276,16 @@ def test_compiled_path_runs(setup):
     base, d = setup
     s = distill.distill(dict(base, out_dir=str(d / 'compiled'), max_iters=2, compile=True))
     assert s['iter'] == 2 and math.isfinite(s['loss'])
+
+def test_distilled_student_exports_to_openai_whisper(setup):
+    whisper = pytest.importorskip('whisper')
+    import evaluate
+    import teacher
+    base, d = setup
+    s = distill.distill(dict(base, out_dir=str(d / 'export'), max_iters=1))
+    model, tok = evaluate.load_checkpoint(s['ckpt'])
+    teacher.save_pt(model, str(d / 'student.whisper.pt'), tok)
+    theirs = whisper.load_model(str(d / 'student.whisper.pt'), device='cpu')
+    mel, tokens = torch.randn(1, 80, 800), torch.tensor([tok.sot_sequence() + [5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(mel, tokens), model(mel, tokens), atol=1e-4, rtol=1e-4)
