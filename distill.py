@@ -243,8 +243,9 @@ class EncoderCache:
         T = mel.shape[-1]
         missing = [b for b, p in enumerate(paths) if (p, T) not in self.mem]
         for b in list(missing):
-            if self.directory and os.path.exists(self._file(paths[b], T)):
-                self.mem[paths[b], T] = torch.load(self._file(paths[b], T))
+            file = self._file(paths[b], T) if self.directory else None
+            if file and os.path.exists(file):
+                self.mem[paths[b], T] = torch.load(file)
                 missing.remove(b)
         if missing:
             with self.ctx:
@@ -252,8 +253,9 @@ class EncoderCache:
             for b, xa in zip(missing, out):
                 self.mem[paths[b], T] = xa.clone()
                 if self.directory:
-                    torch.save(xa.clone(), self._file(paths[b], T) + '.tmp')
-                    os.replace(self._file(paths[b], T) + '.tmp', self._file(paths[b], T))
+                    file = self._file(paths[b], T)
+                    torch.save(xa.clone(), file + '.tmp')
+                    os.replace(file + '.tmp', file)
         return torch.stack([self.mem[p, T] for p in paths]).to(mel.device).float()
 
 def _now(device_type):
