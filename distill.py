@@ -616,6 +616,8 @@ def distill(overrides=None):
             sums, last_logged = dict.fromkeys(keys, 0.0), iter_num
         if values[2] > 0:
             cfg.max_iters = iter_num  # max_minutes: evaluate and save at the top of the loop, then stop
+    if ddp:
+        dist.barrier()  # no rank may tear the group down while the master is still writing its checkpoint
     summary.update(iter=iter_num, best_val_wer=best_val_wer, ckpt=ckpt_path, minutes=(time.time() - t_start) / 60)
     return summary
 

@@ -427,4 +427,5 @@ if master:
         print_table('test', res)
         log_json({'iter': iter_num, 'test_wer': res['wer'], 'minutes': (time.time() - t_start) / 60})
 if ddp:
+    dist.barrier()  # wait for the master's checkpoint and test table before tearing the group down
     dist.destroy_process_group()
