@@ -3,7 +3,7 @@ Small benchmarks, one mode per component:
 
     python bench.py scorer    # evaluate.score vs jiwer on the same reference/hypothesis pairs
     python bench.py whisper   # greedy RTFx and peak memory: ours vs faster-whisper, tiny.en and base, CPU fp32, 2 threads
-    python bench.py opd       # one OPD step vs one supervised step of the same student and batch (distill.bench_opd)
+    python bench.py opd       # one OPD step vs one supervised step of the same student and batch (see _opd_vs_sft)
 """
 import random
 import sys
@@ -111,9 +111,87 @@ def bench_whisper(n=12):
         print(f"{name:<8} {res['ours'][0]:>10.1f} {res['fw'][0]:>9.1f} {res['ours'][0] / res['fw'][0]:>7.2f}x "
               f"{res['ours'][1]:>9.0f} {res['fw'][1]:>8.0f}")
 
-def bench_opd():
-    from distill import bench_opd
-    bench_opd()
+def bench_opd(*args):
+    """python bench.py opd [--init_from=CKPT] [--manifest=JSONL]: a trained student (e.g. out/demo/base/ckpt.pt) emits EOT,
+    so its rollouts end before the length bound; the default student is the teacher's layers 0 and 5, untrained."""
+    kwargs = {}
+    for a in args:
+        key, _, value = a.lstrip('-').partition('=')
+        if key not in ('init_from', 'manifest') or not value:
+            raise SystemExit(f"bench.py opd: unknown option {a} (--init_from=CKPT, --manifest=JSONL)")
+        kwargs[key] = value
+    _opd_vs_sft(**kwargs)
+
+def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.jsonl', batch_size=8, repeat=3,
+              init_from='teacher', device='cpu'):
+    """One OPD step vs one supervised step (cross-entropy on the labels) of the same student on the same batch, both
+    with the frozen shared encoder's outputs cached (computed once per utterance, timed apart): ms per step, the ratio,
+    and the OPD breakdown (rollout / teacher scoring / student update), with and without the rollout length bound."""
+    from types import SimpleNamespace
+    import torch
+    import data
+    import distill
+    teacher, tok, _ = distill.load_model(teacher_path)
+    teacher.requires_grad_(False).eval().to(device)
+    tok = distill.opd_tokenizer(tok, teacher.dims.n_vocab)
+    if init_from == 'teacher':
+        from teacher import make_student
+        student = make_student(teacher, n_decoder_layers=2, freeze_encoder=True)
+    else:
+        student = distill.load_model(init_from)[0]
+    student.encoder.requires_grad_(False)
+    student.to(device).train()
+    whisper = teacher.dims.n_audio_ctx == 1500 and tok.to_dict()['kind'] == 'whisper'
+    rows = data.read_manifest(manifest)[:batch_size]
+    batch = data.Batches(rows, tok, batch_size=batch_size, n_mels=teacher.dims.n_mels, n_frames=data.N_FRAMES if whisper
+                         else None, shuffle=False).collate(list(range(len(rows))))
+    prompts = [tok.sot_sequence(r.get('lang')) for r in rows]
+    t0 = distill._now(device)
+    xa = distill.EncoderCache(teacher.encoder, enabled=whisper)(batch['mel'].to(device), batch['audio'])
+    t_enc = distill._now(device) - t0
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    rescore = distill.Rescore(student)
+    def update(total, n):
+        (total / n.clamp(min=1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    def sft():
+        update(*distill.ce_step(rescore, batch, xa, device))
+        return {}
+    def opd(cfg):
+        total, n, stats = distill.opd_step(student, rescore, teacher, tok, batch, prompts, xa, xa, cfg)
+        update(total, n)
+        return stats
+    defaults = {k: getattr(distill, k) for k in distill.config_keys}
+    runs = {'sft': sft, 'opd': lambda: opd(SimpleNamespace(**defaults)),
+            'opd_unbounded': lambda: opd(SimpleNamespace(**dict(defaults, length_slack=10 ** 6)))}
+    res = {}
+    for name, fn in runs.items():
+        fn()  # warm-up (allocations, AdamW state)
+        best = None
+        for _ in range(repeat):
+            t0 = distill._now(device)
+            stats = fn()
+            dt = distill._now(device) - t0
+            if best is None or dt < best[0]:
+                best = (dt, stats)
+        res[name] = best
+    t_sft = res['sft'][0]
+    print(f"batch of {len(rows)} utterances ({batch['duration'].sum():.1f} s of audio), student "
+          f"{student.get_num_params() / 1e6:.1f}M ({sum(p.numel() for p in params) / 1e6:.1f}M trained), teacher "
+          f"{teacher.get_num_params() / 1e6:.1f}M; encoder once per utterance (cached after): {1000 * t_enc / len(rows):.0f} ms/utt")
+    print(f"{'step':<14} {'ms':>8} {'x sft':>6} {'rollout':>8} {'teacher':>8} {'update':>8} {'tokens/utt':>10} {'ended':>6}")
+    print(f"{'sft':<14} {1000 * t_sft:8.0f} {1.0:6.2f}")
+    out = {'sft_ms': 1000 * t_sft, 'encoder_ms_per_utt': 1000 * t_enc / len(rows)}
+    for name in ('opd', 'opd_unbounded'):
+        dt, s = res[name]
+        upd = dt - s['t_rollout'] - s['t_teacher']
+        print(f"{name:<14} {1000 * dt:8.0f} {dt / t_sft:6.2f} {1000 * s['t_rollout']:8.0f} {1000 * s['t_teacher']:8.0f} "
+              f"{1000 * upd:8.0f} {s['rollout_len'] / s['rollouts']:10.1f} {s['ended'] / s['rollouts']:6.2f}")
+        out.update({f'{name}_ms': 1000 * dt, f'{name}_ratio': dt / t_sft, f'{name}_rollout_ms': 1000 * s['t_rollout'],
+                    f'{name}_teacher_ms': 1000 * s['t_teacher'], f'{name}_update_ms': 1000 * upd})
+    return out
 
 MODES = {
     "scorer": bench_scorer,
@@ -122,7 +200,7 @@ MODES = {
 }
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in MODES:
+    if len(sys.argv) < 2 or sys.argv[1] not in MODES or (sys.argv[2:] and sys.argv[1] != "opd"):
         print(f"usage: python bench.py {{{'|'.join(MODES)}}}", file=sys.stderr)
         sys.exit(2)
-    MODES[sys.argv[1]]()
+    MODES[sys.argv[1]](*sys.argv[2:])

@@ -17,7 +17,7 @@ read kl_st instead). out_dir/log.jsonl gets, every log_interval steps: loss, ful
 position, VUSS (valid tokens in U_t, k..2k) and overlap |S top-k & T top-k| / k, mean rollout length, fraction of
 rollouts ending in EOT, ms per step and per stage; and val WER every eval_interval steps.
 From Python (demo.py): `summary = distill({'teacher_path': ..., 'max_iters': 100})`, or the pieces: rollout, pack,
-masked_log_softmax, opd_loss, diagnostics, opd_step; bench_opd() times one OPD step against one supervised step.
+masked_log_softmax, opd_loss, diagnostics, opd_step.
 """
 import copy
 import dataclasses
@@ -620,73 +620,6 @@ def distill(overrides=None):
         dist.barrier()  # no rank may tear the group down while the master is still writing its checkpoint
     summary.update(iter=iter_num, best_val_wer=best_val_wer, ckpt=ckpt_path, minutes=(time.time() - t_start) / 60)
     return summary
-
-def bench_opd(teacher_path='weights/base', manifest='data/synth_grammar/train.jsonl', batch_size=8, repeat=3,
-              init_from='teacher', device='cpu'):
-    """One OPD step vs one supervised step (cross-entropy on the labels) of the same student on the same batch, both
-    with the frozen shared encoder's outputs cached (computed once per utterance, timed apart): ms per step, the ratio,
-    and the OPD breakdown (rollout / teacher scoring / student update), with and without the rollout length bound."""
-    teacher, tok, _ = load_model(teacher_path)
-    teacher.requires_grad_(False).eval().to(device)
-    tok = opd_tokenizer(tok, teacher.dims.n_vocab)
-    if init_from == 'teacher':
-        from teacher import make_student
-        student = make_student(teacher, n_decoder_layers=2, freeze_encoder=True)
-    else:
-        student = load_model(init_from)[0]
-    student.encoder.requires_grad_(False)
-    student.to(device).train()
-    whisper = teacher.dims.n_audio_ctx == 1500 and tok.to_dict()['kind'] == 'whisper'
-    rows = data.read_manifest(manifest)[:batch_size]
-    batch = data.Batches(rows, tok, batch_size=batch_size, n_mels=teacher.dims.n_mels, n_frames=data.N_FRAMES if whisper
-                         else None, shuffle=False).collate(list(range(len(rows))))
-    prompts = [tok.sot_sequence(r.get('lang')) for r in rows]
-    t0 = _now(device)
-    xa = EncoderCache(teacher.encoder, enabled=whisper)(batch['mel'].to(device), batch['audio'])
-    t_enc = _now(device) - t0
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
-    rescore = Rescore(student)
-    def update(total, n):
-        (total / n.clamp(min=1)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    def sft():
-        update(*ce_step(rescore, batch, xa, device))
-        return {}
-    def opd(cfg):
-        total, n, stats = opd_step(student, rescore, teacher, tok, batch, prompts, xa, xa, cfg)
-        update(total, n)
-        return stats
-    defaults = {k: globals()[k] for k in config_keys}
-    runs = {'sft': sft, 'opd': lambda: opd(SimpleNamespace(**defaults)),
-            'opd_unbounded': lambda: opd(SimpleNamespace(**dict(defaults, length_slack=10 ** 6)))}
-    res = {}
-    for name, fn in runs.items():
-        fn()  # warm-up (allocations, AdamW state)
-        best = None
-        for _ in range(repeat):
-            t0 = _now(device)
-            stats = fn()
-            dt = _now(device) - t0
-            if best is None or dt < best[0]:
-                best = (dt, stats)
-        res[name] = best
-    t_sft = res['sft'][0]
-    print(f"batch of {len(rows)} utterances ({batch['duration'].sum():.1f} s of audio), student "
-          f"{student.get_num_params() / 1e6:.1f}M ({sum(p.numel() for p in params) / 1e6:.1f}M trained), teacher "
-          f"{teacher.get_num_params() / 1e6:.1f}M; encoder once per utterance (cached after): {1000 * t_enc / len(rows):.0f} ms/utt")
-    print(f"{'step':<14} {'ms':>8} {'x sft':>6} {'rollout':>8} {'teacher':>8} {'update':>8} {'tokens/utt':>10} {'ended':>6}")
-    print(f"{'sft':<14} {1000 * t_sft:8.0f} {1.0:6.2f}")
-    out = {'sft_ms': 1000 * t_sft, 'encoder_ms_per_utt': 1000 * t_enc / len(rows)}
-    for name in ('opd', 'opd_unbounded'):
-        dt, s = res[name]
-        upd = dt - s['t_rollout'] - s['t_teacher']
-        print(f"{name:<14} {1000 * dt:8.0f} {dt / t_sft:6.2f} {1000 * s['t_rollout']:8.0f} {1000 * s['t_teacher']:8.0f} "
-              f"{1000 * upd:8.0f} {s['rollout_len'] / s['rollouts']:10.1f} {s['ended'] / s['rollouts']:6.2f}")
-        out.update({f'{name}_ms': 1000 * dt, f'{name}_ratio': dt / t_sft, f'{name}_rollout_ms': 1000 * s['t_rollout'],
-                    f'{name}_teacher_ms': 1000 * s['t_teacher'], f'{name}_update_ms': 1000 * upd})
-    return out
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
