@@ -126,7 +126,8 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
               init_from='teacher', device='cpu'):
     """One OPD step vs one supervised step (cross-entropy on the labels) of the same student on the same batch, both
     with the frozen shared encoder's outputs cached (computed once per utterance, timed apart): ms per step, the ratio,
-    and the OPD breakdown (rollout / teacher scoring / student update), with and without the rollout length bound."""
+    and the OPD breakdown (rollout / teacher scoring / student update), with and without the rollout length bound, and with the
+    teacher scoring under bf16 autocast (teacher_bf16)."""
     from types import SimpleNamespace
     import torch
     import data
@@ -165,7 +166,8 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
         return stats
     defaults = {k: getattr(distill, k) for k in distill.config_keys}
     runs = {'sft': sft, 'opd': lambda: opd(SimpleNamespace(**defaults)),
-            'opd_unbounded': lambda: opd(SimpleNamespace(**dict(defaults, length_slack=10 ** 6)))}
+            'opd_unbounded': lambda: opd(SimpleNamespace(**dict(defaults, length_slack=10 ** 6))),
+            'opd_teacher_bf16': lambda: opd(SimpleNamespace(**dict(defaults, teacher_bf16=True)))}
     res = {}
     for name, fn in runs.items():
         fn()  # warm-up (allocations, AdamW state)
@@ -181,13 +183,13 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
     print(f"batch of {len(rows)} utterances ({batch['duration'].sum():.1f} s of audio), student "
           f"{student.get_num_params() / 1e6:.1f}M ({sum(p.numel() for p in params) / 1e6:.1f}M trained), teacher "
           f"{teacher.get_num_params() / 1e6:.1f}M; encoder once per utterance (cached after): {1000 * t_enc / len(rows):.0f} ms/utt")
-    print(f"{'step':<14} {'ms':>8} {'x sft':>6} {'rollout':>8} {'teacher':>8} {'update':>8} {'tokens/utt':>10} {'ended':>6}")
-    print(f"{'sft':<14} {1000 * t_sft:8.0f} {1.0:6.2f}")
+    print(f"{'step':<17} {'ms':>8} {'x sft':>6} {'rollout':>8} {'teacher':>8} {'update':>8} {'tokens/utt':>10} {'ended':>6}")
+    print(f"{'sft':<17} {1000 * t_sft:8.0f} {1.0:6.2f}")
     out = {'sft_ms': 1000 * t_sft, 'encoder_ms_per_utt': 1000 * t_enc / len(rows)}
-    for name in ('opd', 'opd_unbounded'):
+    for name in ('opd', 'opd_unbounded', 'opd_teacher_bf16'):
         dt, s = res[name]
         upd = dt - s['t_rollout'] - s['t_teacher']
-        print(f"{name:<14} {1000 * dt:8.0f} {dt / t_sft:6.2f} {1000 * s['t_rollout']:8.0f} {1000 * s['t_teacher']:8.0f} "
+        print(f"{name:<17} {1000 * dt:8.0f} {dt / t_sft:6.2f} {1000 * s['t_rollout']:8.0f} {1000 * s['t_teacher']:8.0f} "
               f"{1000 * upd:8.0f} {s['rollout_len'] / s['rollouts']:10.1f} {s['ended'] / s['rollouts']:6.2f}")
         out.update({f'{name}_ms': 1000 * dt, f'{name}_ratio': dt / t_sft, f'{name}_rollout_ms': 1000 * s['t_rollout'],
                     f'{name}_teacher_ms': 1000 * s['t_teacher'], f'{name}_update_ms': 1000 * upd})

@@ -99,6 +99,7 @@ eval_batch_size = 32
 # system
 device = ''
 dtype = 'bfloat16'  # autocast on CUDA, fp32 master weights and optimizer state; CPU runs float32
+teacher_bf16 = False  # CPU too: score with the frozen teacher under bf16 autocast (~2x faster here; logits ~1e-2 off)
 compile = False
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -294,7 +295,7 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
     valid = targets != -100
     t1 = _now(dev)
     # 2. teacher scoring: one teacher-forced pass over [prompt + rollout + EOT], full masked log-probabilities
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16) if cfg.teacher_bf16 and dev == 'cpu' else ctx:
         lp_t = masked_log_softmax(teacher.decoder(tokens, xa_t)[valid], tok.suppress)
     t2 = _now(dev)
     # 3. student re-scoring, with grad, on the same tokens (EOT position included, padding excluded)

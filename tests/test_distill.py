@@ -169,6 +169,19 @@ def test_zero_when_student_is_teacher(loss):
     opt.step()
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
+def test_teacher_bf16_scoring_is_close_to_float32():
+    teacher = tiny(3, 0.3)
+    student = tiny(4, 0.3).train()
+    batch = batch_of()
+    with torch.no_grad():
+        xa = teacher.encoder(batch['mel'])
+    loss = {}
+    for bf16 in (False, True):
+        total, n, _ = opd_step(student, Rescore(student), teacher, TOK, batch, [[SOT]] * 4, xa, None,
+                               cfg(loss='topk_union', teacher_bf16=bf16))
+        loss[bf16] = total.item() / n.item()
+    assert loss[False] > 0.01 and loss[True] != loss[False] and abs(loss[True] - loss[False]) < 0.05 * loss[False]
+
 def test_opd_lowers_kl_to_teacher():
     teacher, student = tiny(4, 0.5), tiny(5)
     student.encoder.load_state_dict(teacher.encoder.state_dict())  # the demo's setting: shared frozen encoder
