@@ -112,22 +112,26 @@ def bench_whisper(n=12):
               f"{res['ours'][1]:>9.0f} {res['fw'][1]:>8.0f}")
 
 def bench_opd(*args):
-    """python bench.py opd [--init_from=CKPT] [--manifest=JSONL]: a trained student (e.g. out/demo/base/ckpt.pt) emits EOT,
-    so its rollouts end before the length bound; the default student is the teacher's layers 0 and 5, untrained."""
+    """python bench.py opd [--init_from=CKPT] [--manifest=JSONL] [--teacher_path=P] [--device=cuda] [--batch_size=N]: a
+    trained student (e.g. out/demo/base/ckpt.pt) emits EOT, so its rollouts end before the length bound; the default
+    student is the teacher's layers 0 and 5, untrained."""
     kwargs = {}
     for a in args:
         key, _, value = a.lstrip('-').partition('=')
-        if key not in ('init_from', 'manifest') or not value:
-            raise SystemExit(f"bench.py opd: unknown option {a} (--init_from=CKPT, --manifest=JSONL)")
-        kwargs[key] = value
+        if key not in ('init_from', 'manifest', 'teacher_path', 'device', 'batch_size') or not value:
+            raise SystemExit(f"bench.py opd: unknown option {a} (--init_from, --manifest, --teacher_path, --device, --batch_size)")
+        kwargs[key] = int(value) if key == 'batch_size' else value
     _opd_vs_sft(**kwargs)
 
 def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.jsonl', batch_size=8, repeat=3,
               init_from='teacher', device='cpu'):
     """One OPD step vs one supervised step (cross-entropy on the labels) of the same student on the same batch, both
-    with the frozen shared encoder's outputs cached (computed once per utterance, timed apart): ms per step, the ratio,
-    and the OPD breakdown (rollout / teacher scoring / student update), with and without the rollout length bound, and with the
-    teacher scoring under bf16 autocast (teacher_bf16)."""
+    with the frozen shared encoder's outputs cached (computed once per utterance, timed apart) and, as in the demo, only
+    the decoder layers trained (embeddings frozen): ms per step, the ratio, and the OPD breakdown (rollout / teacher
+    scoring / student update), with and without the rollout length bound, and with the teacher scoring under bf16
+    autocast (teacher_bf16; CPU only). The full-vocabulary KL diagnostics are left out, as in all but one step of every
+    log_interval; on CUDA both steps run under bf16 autocast, as distill.py does."""
+    from contextlib import nullcontext
     from types import SimpleNamespace
     import torch
     import data
@@ -141,7 +145,10 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
     else:
         student = distill.load_model(init_from)[0]
     student.encoder.requires_grad_(False)
+    student.decoder.token_embedding.requires_grad_(False)
+    student.decoder.positional_embedding.requires_grad_(False)
     student.to(device).train()
+    ctx = torch.autocast('cuda', torch.bfloat16) if device == 'cuda' else nullcontext()
     whisper = teacher.dims.n_audio_ctx == 1500 and tok.to_dict()['kind'] == 'whisper'
     rows = data.read_manifest(manifest)[:batch_size]
     batch = data.Batches(rows, tok, batch_size=batch_size, n_mels=teacher.dims.n_mels, n_frames=data.N_FRAMES if whisper
@@ -158,10 +165,12 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     def sft():
-        update(*distill.ce_step(rescore, batch, xa, device))
+        with ctx:
+            total, n = distill.ce_step(rescore, batch, xa, device)
+        update(total, n)
         return {}
     def opd(cfg):
-        total, n, stats = distill.opd_step(student, rescore, teacher, tok, batch, prompts, xa, xa, cfg)
+        total, n, stats = distill.opd_step(student, rescore, teacher, tok, batch, prompts, xa, xa, cfg, ctx, full_diag=False)
         update(total, n)
         return stats
     defaults = {k: getattr(distill, k) for k in distill.config_keys}

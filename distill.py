@@ -114,23 +114,27 @@ def length_bounds(durations, per_second=tokens_per_second, slack=length_slack):
     max_new_tokens (half of a naive OPD step was spent there). Raise per_second for character-level vocabularies."""
     return [math.ceil(slack + per_second * d) for d in durations]
 
-def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=0.0, top_p=1.0, generator=None, ngram_stop=0):
+def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=0.0, top_p=1.0, generator=None, ngram_stop=0,
+            topk=0):
     """model transcribes the audio itself: KV-cached greedy or sampling, no grad, dropout off, control tokens masked
-    except EOT. Returns (tokens without prompt/EOT, ended: EOT reached) per utterance; one generate call per prompt."""
+    except EOT. Returns (tokens without prompt/EOT, ended: EOT reached) per utterance, and with topk > 0 the model's
+    top-k ids at every scored position (topk_union's student side); one generate call per prompt."""
     was_training = model.training
     model.eval()
     B = len(prompts)
-    tokens, ended = [None] * B, [False] * B
+    tokens, ended, top_ids = [None] * B, [False] * B, [None] * B
     for prompt in dict.fromkeys(map(tuple, prompts)):
         idx = [b for b in range(B) if tuple(prompts[b]) == prompt]
-        out, _, end = model.generate(xa[idx], list(prompt), tok.eot, max_new_tokens=max_new_tokens,
-                                     suppress=tok.suppress, suppress_blank=tok.suppress_blank, temperature=temperature,
-                                     top_p=top_p, max_lens=None if max_lens is None else [max_lens[b] for b in idx],
-                                     generator=generator, stop_ngram=ngram_stop)
-        for b, t, e in zip(idx, out, end):
-            tokens[b], ended[b] = t, e
+        out = model.generate(xa[idx], list(prompt), tok.eot, max_new_tokens=max_new_tokens, suppress=tok.suppress,
+                             suppress_blank=tok.suppress_blank, temperature=temperature, top_p=top_p,
+                             max_lens=None if max_lens is None else [max_lens[b] for b in idx], generator=generator,
+                             stop_ngram=ngram_stop, topk=topk)
+        for j, b in enumerate(idx):
+            tokens[b], ended[b] = out[0][j], out[2][j]
+            if topk:
+                top_ids[b] = out[3][j]
     model.train(was_training)
-    return tokens, ended
+    return (tokens, ended, top_ids) if topk else (tokens, ended)
 
 def pack(prompts, seqs, ended, eot, device='cpu'):
     """Teacher-forcing batch in data.Batches' format: tokens (B, L) = prompt + seq, targets (B, L) = seq + [EOT if the
@@ -153,16 +157,23 @@ def masked_log_softmax(logits, suppress=()):
         logits = logits.index_fill(-1, torch.as_tensor(list(suppress), device=logits.device), -math.inf)
     return F.log_softmax(logits, dim=-1)
 
-def union_support(lp_s, lp_t, k):
-    """U_t = student top-k ids then teacher top-k ids (N, 2k), and which entries count: not a duplicate of a student id,
-    and finite (not a masked control token) on both sides."""
-    k = min(k, lp_s.shape[-1])
-    ids_s, ids_t = lp_s.detach().topk(k, dim=-1).indices, lp_t.topk(k, dim=-1).indices
+def union_support(ids_s, lp_t, k):
+    """U_t = the student's top-k ids (N, k) then the teacher's (N, 2k), and which entries count: not a duplicate of a
+    student id, and not a masked control token (the same ids are masked on both sides)."""
+    ids_t = lp_t.topk(k, dim=-1).indices
     dup = (ids_t[:, :, None] == ids_s[:, None, :]).any(-1)  # teacher ids the student already has
     union = torch.cat([ids_s, ids_t], dim=1)
-    valid = torch.cat([torch.ones_like(dup), ~dup], dim=1)
-    valid &= lp_t.gather(1, union).isfinite() & lp_s.detach().gather(1, union).isfinite()
+    valid = torch.cat([torch.ones_like(dup), ~dup], dim=1) & lp_t.gather(1, union).isfinite()
     return union, valid, dup
+
+def topk_union_kl(s_u, t_u, valid, tau=1.0):
+    """The paper's OPD loss per position from the student's and the teacher's scores on U_t (N, 2k): forward KL(p_T || p_S)
+    with both renormalised on the valid entries, /tau, times tau^2; positions with fewer than 2 valid entries give 0 and
+    do not count. Scores may be log-probabilities or raw logits: renormalising cancels the full-vocabulary normaliser."""
+    ok = valid.sum(1) >= 2
+    s = F.log_softmax((s_u / tau).masked_fill(~valid, -math.inf), dim=-1)
+    t = F.log_softmax((t_u / tau).masked_fill(~valid, -math.inf), dim=-1)
+    return tau ** 2 * torch.where(ok, _kl(t, s), 0.0), ok
 
 def _kl(lp_p, lp_q):
     """KL(p || q) per row from log-probabilities; entries where p is 0 (-inf, masked tokens) contribute 0. The -inf entries
@@ -182,11 +193,9 @@ def opd_loss(lp_s, lp_t, x, loss='topk_union', k=32, tau=1.0, beta=0.5):
         # The released code feeds RAW teacher logits for the teacher's top-k ids but log-probabilities for the student-only
         # ids, mixing two scales. Here both sides are proper log-probabilities (log-softmax over the full masked vocab,
         # then gather), divided by tau and renormalised on U_t.
-        union, valid, _ = union_support(lp_s, lp_t, k)
-        ok = valid.sum(1) >= 2  # skip positions with fewer than 2 valid entries
-        s = F.log_softmax((lp_s.gather(1, union) / tau).masked_fill(~valid, -math.inf), dim=-1)
-        t = F.log_softmax((lp_t.gather(1, union) / tau).masked_fill(~valid, -math.inf), dim=-1)
-        return tau ** 2 * torch.where(ok, _kl(t, s), 0.0), ok
+        k = min(k, lp_s.shape[-1])
+        union, valid, _ = union_support(lp_s.detach().topk(k, dim=-1).indices, lp_t, k)
+        return topk_union_kl(lp_s.gather(1, union), lp_t.gather(1, union), valid, tau)
     s, t = F.log_softmax(lp_s / tau, dim=-1), F.log_softmax(lp_t / tau, dim=-1)
     if loss == 'fkl' or (loss == 'jsd' and beta == 0):
         div = _kl(t, s)
@@ -201,13 +210,16 @@ def opd_loss(lp_s, lp_t, x, loss='topk_union', k=32, tau=1.0, beta=0.5):
     return tau ** 2 * div, ok
 
 @torch.no_grad()
-def diagnostics(lp_s, lp_t, k=32):
-    """Sums over positions: full-vocab KL(S||T) and KL(T||S), VUSS (valid tokens in U_t, k..2k) and |S top-k & T top-k|/k."""
-    _, valid, dup = union_support(lp_s, lp_t, k)
-    a, b = lp_s.detach().clamp(min=-1e4), lp_t.clamp(min=-1e4)  # masked ids: p = 0 and a - b = 0, fewer passes than _kl
-    diff = a - b
-    return {'kl_st': (a.exp() * diff).sum().item(), 'kl_ts': -(b.exp() * diff).sum().item(),
-            'vuss': valid.sum().item(), 'overlap': dup.float().mean(1).sum().item(), 'positions': len(lp_s)}
+def diagnostics(lp_t, ids_s, k=32, lp_s=None):
+    """Sums over positions: VUSS (valid tokens in U_t, k..2k) and overlap |S top-k & T top-k| / k from the student's top-k
+    ids; with the student's full log-probabilities lp_s, also the full-vocabulary KL(S||T) and KL(T||S)."""
+    _, valid, dup = union_support(ids_s, lp_t, k)
+    out = {'vuss': valid.sum().item(), 'overlap': dup.float().mean(1).sum().item(), 'positions': len(lp_t)}
+    if lp_s is not None:
+        a, b = lp_s.detach().clamp(min=-1e4), lp_t.clamp(min=-1e4)  # masked ids: p = 0 and a - b = 0, fewer passes than _kl
+        diff = a - b
+        out.update(kl_st=(a.exp() * diff).sum().item(), kl_ts=-(b.exp() * diff).sum().item(), kl_positions=len(lp_t))
+    return out
 
 class Rescore(nn.Module):
     """The student's forward with gradients (the part DDP wraps and torch.compile compiles): from the audio's encoder
@@ -217,8 +229,14 @@ class Rescore(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, xa=None, mel=None):
-        return self.model.decoder(tokens, self.model.encoder(mel) if xa is None else xa)
+    def forward(self, tokens, xa=None, mel=None, select=None, ids=None):
+        """Logits (B, L, V); or, given ids (N, m) for the N positions where select (B, L) is True, the logits of those ids
+        only (N, m): topk_union needs no more, and m dot products per position replace the V-way output projection."""
+        x = self.model.decoder(tokens, self.model.encoder(mel) if xa is None else xa, project=ids is None)
+        if ids is None:
+            return x
+        w = self.model.decoder.token_embedding.weight  # tied output embedding
+        return torch.einsum('nd,nmd->nm', x[select], w[ids].to(x.dtype)).float()
 
 class EncoderCache:
     """Outputs of a frozen encoder per audio file, rounded to float16, in memory and optionally on disk. Only valid when
@@ -265,9 +283,10 @@ def _now(device_type):
     return time.perf_counter()
 
 def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ctx=nullcontext(), generator=None,
-             teacher_rollout=False):
+             teacher_rollout=False, full_diag=True):
     """One OPD batch on this rank. xa_t: teacher encoder output; xa_s: the student's when its encoder is frozen (None:
-    the student encodes batch['mel'] itself, with grad). Returns (summed per-position loss with grad, positions that
+    the student encodes batch['mel'] itself, with grad). full_diag: also measure the full-vocabulary KLs (topk_union
+    does not need the student's full distribution otherwise). Returns (summed per-position loss with grad, positions that
     count, stats)."""
     mel = batch['mel'].to(xa_t.device)
     durations = batch['duration'].tolist()
@@ -276,7 +295,8 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
         xa_t, mel = xa_t.repeat_interleave(n, 0), mel.repeat_interleave(n, 0)
         xa_s = None if xa_s is None else xa_s.repeat_interleave(n, 0)
         prompts, durations = [p for p in prompts for _ in range(n)], [d for d in durations for _ in range(n)]
-    dev = xa_t.device.type
+    dev, k = xa_t.device.type, min(cfg.topk, student.dims.n_vocab)
+    union_only = cfg.loss == 'topk_union' and not teacher_rollout  # the student's top-k comes from its rollout
     t0 = _now(dev)
     # 1. rollout: the student's own transcripts (or, with probability 1 - lmbda, the teacher's greedy ones)
     max_lens = length_bounds(durations, cfg.tokens_per_second, cfg.length_slack)
@@ -289,8 +309,9 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
                     student.eval()  # no dropout in the rollout's encoder pass either
                     xa_roll = student.encoder(mel)
                     student.train()
-            seqs, ended = rollout(student, xa_roll if xa_s is None else xa_s, prompts, tok, cfg.max_new_tokens, max_lens,
-                                  cfg.temperature, cfg.top_p, generator, cfg.ngram_stop)
+            seqs, ended, *top_s = rollout(student, xa_roll if xa_s is None else xa_s, prompts, tok, cfg.max_new_tokens,
+                                          max_lens, cfg.temperature, cfg.top_p, generator, cfg.ngram_stop,
+                                          topk=k if union_only else 0)
     tokens, targets = pack(prompts, seqs, ended, tok.eot, mel.device)
     valid = targets != -100
     t1 = _now(dev)
@@ -298,13 +319,27 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
     with torch.no_grad(), torch.autocast('cpu', torch.bfloat16) if cfg.teacher_bf16 and dev == 'cpu' else ctx:
         lp_t = masked_log_softmax(teacher.decoder(tokens, xa_t)[valid], tok.suppress)
     t2 = _now(dev)
-    # 3. student re-scoring, with grad, on the same tokens (EOT position included, padding excluded)
-    with ctx:
-        logits = rescore(tokens, xa=xa_s) if xa_s is not None else rescore(tokens, mel=mel)
-    lp_s = masked_log_softmax(logits[valid], tok.suppress)
-    # 4. per-position divergence; the caller divides by the number of positions of the global batch
-    per_pos, ok = opd_loss(lp_s, lp_t, targets[valid], cfg.loss, cfg.topk, cfg.tau, cfg.beta)
-    stats = diagnostics(lp_s, lp_t, cfg.topk)
+    # 3. student re-scoring, with grad, on the same tokens (EOT position included, padding excluded), and
+    # 4. the per-position divergence; the caller divides by the number of positions of the global batch
+    audio = {'xa': xa_s} if xa_s is not None else {'mel': mel}
+    if union_only:  # the student's logits on U_t only: its top-k ids were recorded at every rollout step
+        ids_s = torch.cat(top_s[0]).to(lp_t.device)
+        union, ok_ids, _ = union_support(ids_s, lp_t, k)
+        with ctx:
+            s_u = rescore(tokens, select=valid, ids=union, **audio)
+        per_pos, ok = topk_union_kl(s_u, lp_t.gather(1, union), ok_ids, cfg.tau)
+        lp_s = None
+        if full_diag:
+            with torch.no_grad(), ctx:
+                lp_s = masked_log_softmax(student.decoder(tokens, xa_s if xa_s is not None else student.encoder(mel))[valid],
+                                          tok.suppress)
+    else:
+        with ctx:
+            logits = rescore(tokens, **audio)
+        lp_s = masked_log_softmax(logits[valid], tok.suppress)
+        per_pos, ok = opd_loss(lp_s, lp_t, targets[valid], cfg.loss, k, cfg.tau, cfg.beta)
+        ids_s = lp_s.detach().topk(k, dim=-1).indices
+    stats = diagnostics(lp_t, ids_s, k, lp_s if full_diag else None)
     stats.update(rollout_len=sum(map(len, seqs)), ended=sum(ended), rollouts=len(seqs), t_rollout=t1 - t0, t_teacher=t2 - t1)
     return per_pos.sum(), ok.sum(), stats
 
@@ -474,6 +509,7 @@ def distill(overrides=None):
         checkpoint = None
     rescore = Rescore(student)
     if cfg.compile:
+        torch._inductor.config.triton.coalesce_tiling_analysis = False  # asserts on dynamic shapes (torch 2.11, H100)
         rescore = torch.compile(rescore, dynamic=True)
     if ddp:
         rescore = DDP(rescore, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
@@ -540,8 +576,8 @@ def distill(overrides=None):
         summary['val_wer'] = val_wer() if master else None
         return summary
 
-    keys = ['loss', 'kl_st', 'kl_ts', 'vuss', 'overlap', 'positions', 'rollout_len', 'ended', 'rollouts', 'n', 'ce_n',
-            't_rollout', 't_teacher', 't_step']
+    keys = ['loss', 'kl_st', 'kl_ts', 'kl_positions', 'vuss', 'overlap', 'positions', 'rollout_len', 'ended', 'rollouts',
+            'n', 'ce_n', 't_rollout', 't_teacher', 't_step']
     sums, t_start, start_iter, last_logged, saved = dict.fromkeys(keys, 0.0), time.time(), iter_num, iter_num, False
     while True:
         last = iter_num >= cfg.max_iters
@@ -570,8 +606,9 @@ def distill(overrides=None):
         if cfg.mode == 'opd':
             teacher_rollout = random.Random(cfg.seed * 100003 + iter_num).random() >= cfg.lmbda  # same on every rank
             prompts = [prompts_of(train_rows[i]) for i in batch['index']]
+            full_diag = (iter_num + 1) % cfg.log_interval == 0  # the full-vocab KLs, once per log line
             loss_sum, n, stats = opd_step(student, rescore, teacher, opd_tok, batch, prompts, xa_t, xa_s, cfg, ctx, generator,
-                                          teacher_rollout)
+                                          teacher_rollout, full_diag)
         if cfg.mode != 'opd' or (cfg.ce_weight > 0 and (batch['targets'] != -100).any()):
             with ctx:
                 ce_sum, ce_n = ce_step(rescore, batch, xa_s, device)
@@ -606,7 +643,8 @@ def distill(overrides=None):
             pos, ro = max(s['positions'], 1), max(s['rollouts'], 1)
             record = {'iter': iter_num, 'loss': s['loss'] / steps, 'lr': lr}
             if cfg.mode == 'opd':
-                record.update(kl_st=s['kl_st'] / pos, kl_ts=s['kl_ts'] / pos, vuss=s['vuss'] / pos,
+                kl_pos = max(s['kl_positions'], 1)  # the KLs come from the last step of the interval
+                record.update(kl_st=s['kl_st'] / kl_pos, kl_ts=s['kl_ts'] / kl_pos, vuss=s['vuss'] / pos,
                               overlap=s['overlap'] / pos, rollout_len=s['rollout_len'] / ro, eot_frac=s['ended'] / ro,
                               ms_rollout=1000 * s['t_rollout'] / steps, ms_teacher=1000 * s['t_teacher'] / steps)
             record.update(ms_step=1000 * s['t_step'] / steps, minutes=(time.time() - t_start) / 60)

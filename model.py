@@ -130,8 +130,9 @@ class TextDecoder(nn.Module):
                                      for _ in range(n_layer)])
         self.ln = nn.LayerNorm(n_state)
 
-    def forward(self, tokens, xa, kv_cache=None):
-        """tokens: (B, L) -> logits (B, L, n_vocab). With a kv_cache, tokens are the new positions only."""
+    def forward(self, tokens, xa, kv_cache=None, project=True):
+        """tokens: (B, L) -> logits (B, L, n_vocab), or the final hidden states (B, L, n_state) when project is False.
+        With a kv_cache, tokens are the new positions only."""
         offset = 0
         if kv_cache and self.blocks[0].attn in kv_cache:
             offset = kv_cache[self.blocks[0].attn][0].shape[2]
@@ -140,7 +141,7 @@ class TextDecoder(nn.Module):
         for block in self.blocks:
             x = block(x, xa, causal=True, kv_cache=kv_cache)
         x = self.ln(x)
-        return (x @ self.token_embedding.weight.to(x.dtype).T).float()  # tied output embedding
+        return (x @ self.token_embedding.weight.to(x.dtype).T).float() if project else x  # tied output embedding
 
 class Whisper(nn.Module):
 
@@ -201,11 +202,12 @@ class Whisper(nn.Module):
 
     @torch.no_grad()
     def generate(self, xa, prompt, eot, max_new_tokens=None, suppress=(), suppress_blank=(), temperature=0.0,
-                 top_p=1.0, max_lens=None, generator=None, stop_ngram=0):
+                 top_p=1.0, max_lens=None, generator=None, stop_ngram=0, topk=0):
         """Batched greedy decoding (temperature 0) or sampling, KV-cached.
         xa: encoder output (B, S, D); prompt: list[int] shared by the batch; max_lens: optional per-utterance bound;
         stop_ngram > 0: stop a sequence where an n-gram of that size occurs the second time (a loop), keeping it.
-        Returns (tokens, logprobs, ended): lists over the batch, without prompt and EOT; ended[b] says EOT was reached."""
+        Returns (tokens, logprobs, ended): lists over the batch, without prompt and EOT; ended[b] says EOT was reached.
+        topk > 0: also the top-k ids of every step's masked logits, (len(tokens[b]) + ended[b], topk) per utterance."""
         B, device = xa.shape[0], xa.device
         limit = self.dims.n_text_ctx - len(prompt)
         max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
@@ -217,9 +219,12 @@ class Whisper(nn.Module):
         logprobs = torch.zeros(B, 0, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         ended = torch.zeros(B, dtype=torch.bool, device=device)
+        top_ids = []
         for step in range(max_new_tokens):
             logits = self._mask(logits, step, suppress, suppress_blank)
             logp = F.log_softmax(logits, dim=-1)
+            if topk:
+                top_ids.append(logits.topk(topk, dim=-1).indices)
             if temperature == 0:
                 next_token = logits.argmax(dim=-1)
             else:
@@ -250,6 +255,10 @@ class Whisper(nn.Module):
             n = min(t.index(eot) if eot in t else len(t), bounds[b])
             out_tokens.append(t[:n])
             out_logprobs.append(logprobs[b, :n].tolist())
+        if topk:
+            top_ids = torch.stack(top_ids, dim=1)  # (B, steps, topk)
+            return out_tokens, out_logprobs, ended.tolist(), [top_ids[b, :len(t) + e] for b, (t, e) in
+                                                              enumerate(zip(out_tokens, ended.tolist()))]
         return out_tokens, out_logprobs, ended.tolist()
 
     @torch.no_grad()

@@ -249,6 +249,7 @@ train_module = ASRLoss(model)
 if compile:
     if master:
         print("compiling the model...")
+    torch._inductor.config.triton.coalesce_tiling_analysis = False  # asserts on dynamic shapes (torch 2.11, H100)
     train_module = torch.compile(train_module, dynamic=True)
 if ddp:
     train_module = DDP(train_module, device_ids=[local_rank] if device_type == 'cuda' else None)

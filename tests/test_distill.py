@@ -103,10 +103,35 @@ def test_loss_equals_brute_force(loss):
 def test_topk_union_with_full_k_is_forward_kl_and_vuss():
     lp_s, lp_t, x, _, _ = scored(tiny(1, 0.3), tiny(2, 0.3))
     torch.testing.assert_close(opd_loss(lp_s, lp_t, x, 'topk_union', k=V)[0], opd_loss(lp_s, lp_t, x, 'fkl')[0])
-    d = diagnostics(lp_s, lp_t, k=8)
-    assert 8 <= d['vuss'] / d['positions'] <= 16 and 0 <= d['overlap'] / d['positions'] <= 1
-    d = diagnostics(lp_t, lp_t, k=8)
+    d = diagnostics(lp_t, lp_s.topk(8).indices, k=8, lp_s=lp_s)
+    assert 8 <= d['vuss'] / d['positions'] <= 16 and 0 <= d['overlap'] / d['positions'] <= 1 and d['kl_st'] > 0
+    d = diagnostics(lp_t, lp_t.topk(8).indices, k=8, lp_s=lp_t)
     assert d['vuss'] == 8 * d['positions'] and d['overlap'] == d['positions'] and d['kl_st'] == 0
+
+def test_union_only_step_equals_full_vocabulary_loss():
+    """opd_step's topk_union projects the student onto U_t only (top-k recorded in the rollout): the same loss and the
+    same gradients as opd_loss on the student's full log-probabilities."""
+    teacher, student = tiny(3, 0.3), tiny(4, 0.3).train()
+    batch = batch_of()
+    with torch.no_grad():
+        xa = teacher.encoder(batch['mel'])
+    total, n, stats = opd_step(student, Rescore(student), teacher, TOK, batch, [[SOT]] * 4, xa, xa, cfg())
+    total.backward()
+    grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    seqs, ended = rollout(student, xa, [[SOT]] * 4, TOK, 12, distill.length_bounds([1.0, 2.0, 1.5, 0.5], 4.0, 4))
+    tokens, targets = pack([[SOT]] * 4, seqs, ended, EOT)
+    valid = targets != -100
+    with torch.no_grad():
+        lp_t = masked_log_softmax(teacher.decoder(tokens, xa)[valid], TOK.suppress)
+    per_pos, ok = opd_loss(masked_log_softmax(student.decoder(tokens, xa)[valid], TOK.suppress), lp_t, targets[valid], k=8)
+    per_pos.sum().backward()
+    assert n == ok.sum() == stats['positions'] > 10 and total.item() > 0.01
+    torch.testing.assert_close(total, per_pos.sum(), rtol=1e-5, atol=1e-6)
+    assert grads.keys() == {k for k, p in student.named_parameters() if p.grad is not None}
+    for k, p in student.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6)
 
 def first_repeat(tokens, n):  # brute force: the prefix that ends where some n-gram occurs for the second time
     for i in range(n, len(tokens) + 1):
