@@ -128,9 +128,9 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
     """One OPD step vs one supervised step (cross-entropy on the labels) of the same student on the same batch, both
     with the frozen shared encoder's outputs cached (computed once per utterance, timed apart) and, as in the demo, only
     the decoder layers trained (embeddings frozen): ms per step, the ratio, and the OPD breakdown (rollout / teacher
-    scoring / student update), with and without the rollout length bound, and with the teacher scoring under bf16
-    autocast (teacher_bf16; CPU only). The full-vocabulary KL diagnostics are left out, as in all but one step of every
-    log_interval; on CUDA both steps run under bf16 autocast, as distill.py does."""
+    scoring / student update), with and without the rollout length bound, and with the teacher scoring in float32
+    instead of bf16 autocast (teacher_bf16=False; CPU only). The full-vocabulary KL diagnostics are left out, as in all
+    but one step of every log_interval; on CUDA both steps run under bf16 autocast, as distill.py does."""
     from contextlib import nullcontext
     from types import SimpleNamespace
     import torch
@@ -138,7 +138,6 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
     import distill
     teacher, tok, _ = distill.load_model(teacher_path)
     teacher.requires_grad_(False).eval().to(device)
-    tok = distill.opd_tokenizer(tok, teacher.dims.n_vocab)
     if init_from == 'teacher':
         from teacher import make_student
         student = make_student(teacher, n_decoder_layers=2, freeze_encoder=True)
@@ -176,7 +175,7 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
     defaults = {k: getattr(distill, k) for k in distill.config_keys}
     runs = {'sft': sft, 'opd': lambda: opd(SimpleNamespace(**defaults)),
             'opd_unbounded': lambda: opd(SimpleNamespace(**dict(defaults, length_slack=10 ** 6))),
-            'opd_teacher_bf16': lambda: opd(SimpleNamespace(**dict(defaults, teacher_bf16=True)))}
+            'opd_teacher_fp32': lambda: opd(SimpleNamespace(**dict(defaults, teacher_bf16=False)))}
     res = {}
     for name, fn in runs.items():
         fn()  # warm-up (allocations, AdamW state)
@@ -195,7 +194,7 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
     print(f"{'step':<17} {'ms':>8} {'x sft':>6} {'rollout':>8} {'teacher':>8} {'update':>8} {'tokens/utt':>10} {'ended':>6}")
     print(f"{'sft':<17} {1000 * t_sft:8.0f} {1.0:6.2f}")
     out = {'sft_ms': 1000 * t_sft, 'encoder_ms_per_utt': 1000 * t_enc / len(rows)}
-    for name in ('opd', 'opd_unbounded', 'opd_teacher_bf16'):
+    for name in ('opd', 'opd_unbounded', 'opd_teacher_fp32'):
         dt, s = res[name]
         upd = dt - s['t_rollout'] - s['t_teacher']
         print(f"{name:<17} {1000 * dt:8.0f} {dt / t_sft:6.2f} {1000 * s['t_rollout']:8.0f} {1000 * s['t_teacher']:8.0f} "

@@ -34,10 +34,11 @@ REF_ROWS = ['teacher', 'tiny_en']
 # label_frac of the n_train training utterances keep their labels (base's SFT data); n_unlabeled of the others are the
 # unlabeled audio of the later rows (about what iters x batch_size steps read: every clip costs one encoder pass).
 FULL = dict(corpus='data/synth_fortunes', n_train=3000, n_val=50, n_test=200, label_frac=0.10, n_unlabeled=400,
-            sft_iters=300, sft_lr=2e-4, sft_eval=50, iters=50, lr=1e-4, batch_size=8, warmup=5, val_max_utts=50,
-            speed_utts=32)
+            sft_iters=300, sft_lr=2e-4, sft_eval=50, sft_batch_size=8, iters=75, lr=1e-4, batch_size=16, warmup=5,
+            val_max_utts=50, speed_utts=32)
 SMALL = dict(corpus='data/synth_fortunes_small', n_train=30, n_val=4, n_test=10, label_frac=0.10, n_unlabeled=27,
-             sft_iters=12, sft_lr=2e-4, sft_eval=6, iters=3, lr=1e-4, batch_size=4, warmup=1, val_max_utts=4, speed_utts=4)
+             sft_iters=12, sft_lr=2e-4, sft_eval=6, sft_batch_size=4, iters=3, lr=1e-4, batch_size=4, warmup=1,
+             val_max_utts=4, speed_utts=4)
 CORPUS_SEED = 1337  # the corpus (texts, voices) is the same for every --seed; seeds change the training
 
 def parse_args(argv):
@@ -103,7 +104,8 @@ def row_config(row, cfg, paths, out, seed):
                   log_interval=5, ngram_stop=4)
     if row == 'base':  # SFT on the labeled few: dropout, and the best val WER's checkpoint (it overfits fast)
         return dict(common, mode='sft', init_from='teacher', train_manifest=paths['labeled'], max_iters=cfg['sft_iters'],
-                    learning_rate=cfg['sft_lr'], warmup_iters=10, dropout=0.1, eval_interval=cfg['sft_eval'])
+                    learning_rate=cfg['sft_lr'], warmup_iters=10, dropout=0.1, eval_interval=cfg['sft_eval'],
+                    batch_size=cfg['sft_batch_size'])
     # the unlabeled rows: the same number of updates each, and their last weights (no selection on val)
     unl = dict(common, train_manifest=paths['unlabeled'], init_from=os.path.join(out, 'base', 'ckpt.pt'),
                max_iters=cfg['iters'], learning_rate=cfg['lr'], warmup_iters=cfg['warmup'], eval_interval=0,
@@ -155,19 +157,21 @@ def vuss_of(log_path):
 
 def decode_cached(model, tok, rows, cache, batch_size=16):
     """Greedy transcripts like evaluate.transcribe, but from the shared frozen encoder's cached outputs (computed once
-    per test utterance for all base-encoder rows: the teacher and every student), as distill's val WER does."""
+    per test utterance for all base-encoder rows: the teacher and every student), as distill's val WER does. Also the
+    same transcripts cut at the rollouts' length bound (distill.length_bounds: 8 + 6 tokens per second; greedy decoding
+    stopped there gives exactly this prefix), and how many utterances ran past it (a repetition loop, nearly always)."""
     batches = data.Batches(rows, None, batch_size=batch_size, n_mels=model.dims.n_mels, n_frames=data.N_FRAMES,
                            shuffle=False)
-    hyps = [None] * len(rows)
+    hyps, bounded, over = [None] * len(rows), [None] * len(rows), 0
     model.eval()
     for batch in batches:
         xa = cache(batch['mel'], batch['audio'])
         prompts = [tok.sot_sequence(rows[i].get('lang')) for i in batch['index']]
         with torch.no_grad():
             seqs, _ = distill.rollout(model, xa, prompts, tok, model.dims.n_text_ctx // 2)
-        for i, s in zip(batch['index'], seqs):
-            hyps[i] = tok.decode(s).strip()
-    return hyps
+        for i, s, n in zip(batch['index'], seqs, distill.length_bounds(batch['duration'].tolist())):
+            hyps[i], bounded[i], over = tok.decode(s).strip(), tok.decode(s[:n]).strip(), over + (len(s) > n)
+    return hyps, bounded, over
 
 def row_path(row, out):
     return {'teacher': 'weights/base', 'tiny_en': 'weights/tiny.en'}.get(row, os.path.join(out, row, 'ckpt.pt'))
@@ -181,15 +185,22 @@ def evaluate_row(row, out, test_rows, cache):
         return None
     model, tok = evaluate.load_checkpoint(path)
     t0 = time.time()
+    bounded = None
     if row == 'tiny_en':
         hyps = evaluate.transcribe(model, tok, test_rows, batch_size=16)
     else:
-        hyps = decode_cached(model, tok, test_rows, cache)
+        hyps, bounded, over = decode_cached(model, tok, test_rows, cache)
     wall = time.time() - t0
     res = evaluate.report(test_rows, hyps, wall)
     res.update(eval_wall_s=wall, params=model.get_num_params(), decode='transcribe' if row == 'tiny_en' else 'cached_encoder')
-    print(f"{row}: WER {100 * res['wer']:.2f}% (S {res['s']} D {res['d']} I {res['i']} of {res['n']}), "
-          f"median utt {100 * res['median_utt_wer']:.1f}%, {wall:.1f} s")
+    line = (f"{row}: WER {100 * res['wer']:.2f}% (S {res['s']} D {res['d']} I {res['i']} of {res['n']}), "
+            f"median utt {100 * res['median_utt_wer']:.1f}%, {wall:.1f} s")
+    if bounded is not None:
+        b = evaluate.report(test_rows, bounded, wall)
+        res['bounded'] = {k: b[k] for k in ('wer', 's', 'd', 'i', 'n', 'median_utt_wer')}
+        res['bounded']['utts_past_bound'] = over
+        line += f"; cut at the length bound {100 * b['wer']:.2f}% (I {b['i']}, {over} utts past it)"
+    print(line)
     return res
 
 def measure_speed(student_row, out, rows, cache):
@@ -205,7 +216,7 @@ def measure_speed(student_row, out, rows, cache):
         res = evaluate.report(rows, hyps, time.time() - t0)
         speed[f'{name}_rtfx'], speed[f'{name}_wall_s'] = res['rtfx'], time.time() - t0
         t0 = time.time()
-        hyps = decode_cached(model, tok, rows, cache)
+        hyps = decode_cached(model, tok, rows, cache)[0]
         n_tok = sum(len(tok.encode_text(h)) + 1 for h in hyps)  # + EOT
         speed[f'{name}_decoder_ms_per_token'] = 1000 * (time.time() - t0) / n_tok
     speed['speedup'] = speed['student_rtfx'] / speed['teacher_rtfx']
@@ -213,22 +224,28 @@ def measure_speed(student_row, out, rows, cache):
     return speed
 
 def print_table(results):
-    print(f"\n{'row':<9} {'WER%':>7} {'S':>5} {'D':>5} {'I':>5} {'N':>5} {'med%':>6} {'VUSS':>6} "
-          f"{'train_s':>8} {'eval_s':>7}")
+    print(f"\n{'row':<9} {'WER%':>7} {'S':>5} {'D':>5} {'I':>5} {'N':>5} {'med%':>6} {'bound%':>7} {'loops':>5} "
+          f"{'VUSS':>6} {'train_s':>8} {'eval_s':>7}")
     for row in REF_ROWS + STUDENT_ROWS:
         r = results.get(row)
         if not r or 'wer' not in r:
             continue
         vuss = f"{r['vuss']['mean']:.2f}" if r.get('vuss') else '-'
         train_s = f"{r['train_wall_s']:.0f}" if r.get('train_wall_s') is not None else '-'
+        bd = r.get('bounded')
+        bounded = f"{100 * bd['wer']:7.2f} {bd['utts_past_bound']:5d}" if bd else f"{'-':>7} {'-':>5}"
         print(f"{row:<9} {100 * r['wer']:7.2f} {r['s']:5d} {r['d']:5d} {r['i']:5d} {r['n']:5d} "
-              f"{100 * r['median_utt_wer']:6.1f} {vuss:>6} {train_s:>8} {r['eval_wall_s']:7.1f}")
-    b, t = results.get('base'), results.get('teacher')
-    if b and t and 'wer' in b and 'wer' in t and b['wer'] != t['wer']:
+              f"{100 * r['median_utt_wer']:6.1f} {bounded} {vuss:>6} {train_s:>8} {r['eval_wall_s']:7.1f}")
+    b, t, closes = results.get('base'), results.get('teacher'), {}
+    for name, get in (('', lambda r: r.get('wer')), (' (cut at the length bound)', lambda r: r.get('bounded', {}).get('wer'))):
+        if not (b and t and get(b) is not None and get(t) is not None and get(b) != get(t)):
+            continue
         for row in ('opd', 'opd_rkl', 'td', 'td_opd'):
-            if results.get(row, {}).get('wer') is not None:
-                closed = (b['wer'] - results[row]['wer']) / (b['wer'] - t['wer'])
-                print(f"{row}: closes {100 * closed:.0f}% of the base -> teacher WER gap")
+            if get(results.get(row, {})) is not None:
+                closed = (get(b) - get(results[row])) / (get(b) - get(t))
+                closes[row + ('_bounded' if name else '')] = closed
+                print(f"{row}: closes {100 * closed:.0f}% of the base -> teacher WER gap{name}")
+    return closes
 
 def plot(results, out):
     """demo.png: test WER per row, and per step of the OPD rows (from their log.jsonl) the KL to the teacher and VUSS."""
@@ -291,7 +308,7 @@ def main(argv):
             if res is not None:
                 res.pop('utts')  # per-utterance transcripts stay out of the table file
                 results[row] = dict(results.get(row, {}), **res)
-    student = next((r for r in ('td_opd', 'opd', 'base') if r in args['rows'] and os.path.exists(row_path(r, out))), None)
+    student = next((r for r in ('opd', 'td_opd', 'base') if r in args['rows'] and os.path.exists(row_path(r, out))), None)
     if student and 'teacher' in args['rows']:
         t0 = time.time()
         results['speed'] = measure_speed(student, out, test_rows[:cfg['speed_utts']], cache)
@@ -299,7 +316,7 @@ def main(argv):
     stages['total'] = time.time() - t_all
     results['stages_s'] = dict(results.get('stages_s', {}), **stages)
     results['config'] = dict(cfg, seed=args['seed'], small=args['small'])
-    print_table(results)
+    results['gap_closed'] = print_table(results)
     if 'speed' in results:
         sp = results['speed']
         print(f"greedy decode speed (one run, {sp['utterances']} utts, encoder included): {sp['student_row']} RTFx "

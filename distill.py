@@ -7,14 +7,15 @@ On-policy distillation (OPD) of a Whisper-architecture student from a frozen tea
 
 One step (opd_step): 1. the student decodes its own transcripts (rollout, no grad, dropout off, control tokens suppressed,
 each utterance stopped at a length bound from its duration); 2. the frozen teacher scores [its prompt + those tokens + EOT]
-teacher-forced in one batched pass on the same audio; 3. the student re-scores the same tokens with gradients; 4. a
-per-token divergence (opd_loss), averaged over all scored positions of the global batch. mode='td' (fine-tune on the
+teacher-forced in one batched pass on the same audio; 3. the student re-scores the same tokens with gradients (for
+topk_union only on U_t: its top-k ids, kept from the rollout, and the teacher's); 4. a per-token divergence (opd_loss,
+topk_union_kl), averaged over all scored positions of the global batch. mode='td' (fine-tune on the
 teacher's greedy transcripts) and mode='sft' (on human labels) are the baselines, in the same loop.
 Losses (opd_loss, per scored position t): topk_union (paper): forward KL(p_T || p_S) renormalised on U_t = student top-k
 ids | teacher top-k ids; fkl / rkl: full-vocabulary forward / reverse KL (rkl = GKD with beta 1); jsd: GKD's generalised
 JSD; pg: REINFORCE with the per-token reward -(log p_S(x) - log p_T(x)) (tinker; its logged "loss" is the surrogate,
 read kl_st instead). out_dir/log.jsonl gets, every log_interval steps: loss, full-vocab KL(S||T) and KL(T||S) per
-position, VUSS (valid tokens in U_t, k..2k) and overlap |S top-k & T top-k| / k, mean rollout length, fraction of
+position (on the interval's last step), VUSS (valid tokens in U_t, k..2k) and overlap |S top-k & T top-k| / k, mean rollout length, fraction of
 rollouts ending in EOT, ms per step and per stage; and val WER every eval_interval steps.
 From Python (demo.py): `summary = distill({'teacher_path': ..., 'max_iters': 100})`, or the pieces: rollout, pack,
 masked_log_softmax, opd_loss, diagnostics, opd_step.
@@ -99,7 +100,7 @@ eval_batch_size = 32
 # system
 device = ''
 dtype = 'bfloat16'  # autocast on CUDA, fp32 master weights and optimizer state; CPU runs float32
-teacher_bf16 = False  # CPU too: score with the frozen teacher under bf16 autocast (~2x faster here; logits ~1e-2 off)
+teacher_bf16 = True  # CPU too: score with the frozen teacher under bf16 autocast (~2.6x faster here; logits ~1e-2 off)
 compile = False
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -151,7 +152,10 @@ def pack(prompts, seqs, ended, eot, device='cpu'):
 
 def masked_log_softmax(logits, suppress=()):
     """Log-probabilities over the vocabulary with the control tokens (suppress) at -inf, as during decoding; applied
-    identically to teacher and student so both distributions live on the same support."""
+    identically to teacher and student so both distributions live on the same support. The mask is the tokenizer's
+    decoding list (Whisper's: faster-whisper's suppress_tokens=[-1]), not every special id as the paper's code masks:
+    an id masked in the loss gets no gradient, so its logit drifts, and a distilled student that can still emit it at
+    test time did: language tokens in mid-transcript (seen here: deletions 150 -> 277 on the demo's test set)."""
     logits = logits.float()
     if len(suppress):
         logits = logits.index_fill(-1, torch.as_tensor(list(suppress), device=logits.device), -math.inf)
@@ -343,16 +347,6 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
     stats.update(rollout_len=sum(map(len, seqs)), ended=sum(ended), rollouts=len(seqs), t_rollout=t1 - t0, t_teacher=t2 - t1)
     return per_pos.sum(), ok.sum(), stats
 
-def opd_tokenizer(tok, n_vocab):
-    """The tokenizer as OPD uses it: the paper masks ALL control tokens but EOT in rollouts and in both distributions;
-    Whisper's decoding list (tok.suppress) leaves timestamps, languages and <|notimestamps|> open, so add every id after
-    EOT (all specials there). SentencePiece's list already holds all its control tokens but EOT."""
-    if tok.to_dict()['kind'] != 'whisper':
-        return tok
-    out = copy.copy(tok)
-    out.suppress = sorted(set(tok.suppress) | set(range(tok.eot + 1, n_vocab)))
-    return out
-
 def ce_step(rescore, batch, xa_s, device):
     """Summed cross-entropy on the batch's own targets (labels or teacher transcripts) and the number of target tokens."""
     tokens, targets = batch['tokens'].to(device), batch['targets'].to(device)
@@ -467,7 +461,6 @@ def distill(overrides=None):
         xa_t = teacher_enc(mel, batch['audio'])
         return xa_t, xa_t if shared else (student_enc(mel, batch['audio']) if student_enc else None)
     prompts_of = lambda row: tok.sot_sequence(cfg.language or row.get('lang'))
-    opd_tok = opd_tokenizer(tok, dims.n_vocab)
 
     # data: OPD reads only the audio; td reads the teacher's transcripts; sft the labels
     def fits(row):
@@ -607,7 +600,7 @@ def distill(overrides=None):
             teacher_rollout = random.Random(cfg.seed * 100003 + iter_num).random() >= cfg.lmbda  # same on every rank
             prompts = [prompts_of(train_rows[i]) for i in batch['index']]
             full_diag = (iter_num + 1) % cfg.log_interval == 0  # the full-vocab KLs, once per log line
-            loss_sum, n, stats = opd_step(student, rescore, teacher, opd_tok, batch, prompts, xa_t, xa_s, cfg, ctx, generator,
+            loss_sum, n, stats = opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ctx, generator,
                                           teacher_rollout, full_diag)
         if cfg.mode != 'opd' or (cfg.ce_weight > 0 and (batch['targets'] != -100).any()):
             with ctx:

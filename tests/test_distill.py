@@ -35,7 +35,7 @@ def tiny(seed, std=None, n_vocab=V, n_audio_ctx=100):
 
 def cfg(**kw):
     c = {k: getattr(distill, k) for k in distill.config_keys}
-    c.update(topk=8, max_new_tokens=12, tokens_per_second=4.0, length_slack=4)
+    c.update(topk=8, max_new_tokens=12, tokens_per_second=4.0, length_slack=4, teacher_bf16=False)  # exact math here
     c.update(kw)
     return SimpleNamespace(**c)
 
