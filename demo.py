@@ -237,7 +237,8 @@ def print_table(results):
         print(f"{row:<9} {100 * r['wer']:7.2f} {r['s']:5d} {r['d']:5d} {r['i']:5d} {r['n']:5d} "
               f"{100 * r['median_utt_wer']:6.1f} {bounded} {vuss:>6} {train_s:>8} {r['eval_wall_s']:7.1f}")
     b, t, closes = results.get('base'), results.get('teacher'), {}
-    for name, get in (('', lambda r: r.get('wer')), (' (cut at the length bound)', lambda r: r.get('bounded', {}).get('wer'))):
+    wer, wer_bounded = lambda r: r.get('wer'), lambda r: r.get('bounded', {}).get('wer')
+    for name, get in (('', wer), (' (cut at the length bound)', wer_bounded)):
         if not (b and t and get(b) is not None and get(t) is not None and get(b) != get(t)):
             continue
         for row in ('opd', 'opd_rkl', 'td', 'td_opd'):

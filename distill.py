@@ -9,18 +9,17 @@ One step (opd_step): 1. the student decodes its own transcripts (rollout, no gra
 each utterance stopped at a length bound from its duration); 2. the frozen teacher scores [its prompt + those tokens + EOT]
 teacher-forced in one batched pass on the same audio; 3. the student re-scores the same tokens with gradients (for
 topk_union only on U_t: its top-k ids, kept from the rollout, and the teacher's); 4. a per-token divergence (opd_loss,
-topk_union_kl), averaged over all scored positions of the global batch. mode='td' (fine-tune on the
-teacher's greedy transcripts) and mode='sft' (on human labels) are the baselines, in the same loop.
+topk_union_kl), averaged over all scored positions of the global batch. mode='td' (fine-tune on the teacher's greedy
+transcripts) and mode='sft' (on human labels) are the baselines, in the same loop.
 Losses (opd_loss, per scored position t): topk_union (paper): forward KL(p_T || p_S) renormalised on U_t = student top-k
 ids | teacher top-k ids; fkl / rkl: full-vocabulary forward / reverse KL (rkl = GKD with beta 1); jsd: GKD's generalised
 JSD; pg: REINFORCE with the per-token reward -(log p_S(x) - log p_T(x)) (tinker; its logged "loss" is the surrogate,
 read kl_st instead). out_dir/log.jsonl gets, every log_interval steps: loss, full-vocab KL(S||T) and KL(T||S) per
-position (on the interval's last step), VUSS (valid tokens in U_t, k..2k) and overlap |S top-k & T top-k| / k, mean rollout length, fraction of
-rollouts ending in EOT, ms per step and per stage; and val WER every eval_interval steps.
+position (on the interval's last step), VUSS (valid tokens in U_t, k..2k) and overlap |S top-k & T top-k| / k, mean
+rollout length, fraction of rollouts ending in EOT, ms per step and per stage; and val WER every eval_interval steps.
 From Python (demo.py): `summary = distill({'teacher_path': ..., 'max_iters': 100})`, or the pieces: rollout, pack,
 masked_log_softmax, opd_loss, diagnostics, opd_step.
 """
-import copy
 import dataclasses
 import hashlib
 import json
@@ -214,10 +213,9 @@ def opd_loss(lp_s, lp_t, x, loss='topk_union', k=32, tau=1.0, beta=0.5):
     return tau ** 2 * div, ok
 
 @torch.no_grad()
-def diagnostics(lp_t, ids_s, k=32, lp_s=None):
-    """Sums over positions: VUSS (valid tokens in U_t, k..2k) and overlap |S top-k & T top-k| / k from the student's top-k
-    ids; with the student's full log-probabilities lp_s, also the full-vocabulary KL(S||T) and KL(T||S)."""
-    _, valid, dup = union_support(ids_s, lp_t, k)
+def diagnostics(valid, dup, lp_t, lp_s=None):
+    """Sums over positions, from union_support's valid and dup: VUSS (valid tokens in U_t, k..2k) and overlap
+    |S top-k & T top-k| / k; with the student's full log-probabilities lp_s, also the full-vocabulary KL(S||T), KL(T||S)."""
     out = {'vuss': valid.sum().item(), 'overlap': dup.float().mean(1).sum().item(), 'positions': len(lp_t)}
     if lp_s is not None:
         a, b = lp_s.detach().clamp(min=-1e4), lp_t.clamp(min=-1e4)  # masked ids: p = 0 and a - b = 0, fewer passes than _kl
@@ -327,11 +325,10 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
     # 4. the per-position divergence; the caller divides by the number of positions of the global batch
     audio = {'xa': xa_s} if xa_s is not None else {'mel': mel}
     if union_only:  # the student's logits on U_t only: its top-k ids were recorded at every rollout step
-        ids_s = torch.cat(top_s[0]).to(lp_t.device)
-        union, ok_ids, _ = union_support(ids_s, lp_t, k)
+        union, valid_u, dup = union_support(torch.cat(top_s[0]).to(lp_t.device), lp_t, k)
         with ctx:
             s_u = rescore(tokens, select=valid, ids=union, **audio)
-        per_pos, ok = topk_union_kl(s_u, lp_t.gather(1, union), ok_ids, cfg.tau)
+        per_pos, ok = topk_union_kl(s_u, lp_t.gather(1, union), valid_u, cfg.tau)
         lp_s = None
         if full_diag:
             with torch.no_grad(), ctx:
@@ -342,8 +339,8 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
             logits = rescore(tokens, **audio)
         lp_s = masked_log_softmax(logits[valid], tok.suppress)
         per_pos, ok = opd_loss(lp_s, lp_t, targets[valid], cfg.loss, k, cfg.tau, cfg.beta)
-        ids_s = lp_s.detach().topk(k, dim=-1).indices
-    stats = diagnostics(lp_t, ids_s, k, lp_s if full_diag else None)
+        _, valid_u, dup = union_support(lp_s.detach().topk(k, dim=-1).indices, lp_t, k)  # for VUSS, whatever the loss
+    stats = diagnostics(valid_u, dup, lp_t, lp_s if full_diag else None)
     stats.update(rollout_len=sum(map(len, seqs)), ended=sum(ended), rollouts=len(seqs), t_rollout=t1 - t0, t_teacher=t2 - t1)
     return per_pos.sum(), ok.sum(), stats
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import distill
-from distill import masked_log_softmax, opd_loss, opd_step, pack, rollout, Rescore, diagnostics
+from distill import masked_log_softmax, opd_loss, opd_step, pack, rollout, Rescore, diagnostics, union_support
 from model import ModelDimensions, Whisper
 
 V, EOT, SOT = 60, 0, 1
@@ -103,9 +103,9 @@ def test_loss_equals_brute_force(loss):
 def test_topk_union_with_full_k_is_forward_kl_and_vuss():
     lp_s, lp_t, x, _, _ = scored(tiny(1, 0.3), tiny(2, 0.3))
     torch.testing.assert_close(opd_loss(lp_s, lp_t, x, 'topk_union', k=V)[0], opd_loss(lp_s, lp_t, x, 'fkl')[0])
-    d = diagnostics(lp_t, lp_s.topk(8).indices, k=8, lp_s=lp_s)
+    d = diagnostics(*union_support(lp_s.topk(8).indices, lp_t, 8)[1:], lp_t, lp_s)
     assert 8 <= d['vuss'] / d['positions'] <= 16 and 0 <= d['overlap'] / d['positions'] <= 1 and d['kl_st'] > 0
-    d = diagnostics(lp_t, lp_t.topk(8).indices, k=8, lp_s=lp_t)
+    d = diagnostics(*union_support(lp_t.topk(8).indices, lp_t, 8)[1:], lp_t, lp_t)
     assert d['vuss'] == 8 * d['positions'] and d['overlap'] == d['positions'] and d['kl_st'] == 0
 
 def test_union_only_step_equals_full_vocabulary_loss():
