@@ -75,6 +75,7 @@ beta = 0.5  # jsd: 0 = forward KL, 1 = reverse KL
 # policy); otherwise the teacher generates them (greedy: the off-policy, sequence-level KD case). 1.0 = pure OPD.
 lmbda = 1.0
 ce_weight = 0.0  # > 0: add ce_weight * cross-entropy on the rows that have a transcript
+token_noise = 0.0  # sft / td / ce: the fraction of transcript tokens read by the decoder swapped at random (see ce_step)
 # rollout
 max_new_tokens = 64
 temperature = 0.0  # 0 = greedy (paper)
@@ -344,9 +345,19 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
     stats.update(rollout_len=sum(map(len, seqs)), ended=sum(ended), rollouts=len(seqs), t_rollout=t1 - t0, t_teacher=t2 - t1)
     return per_pos.sum(), ok.sum(), stats
 
-def ce_step(rescore, batch, xa_s, device):
-    """Summed cross-entropy on the batch's own targets (labels or teacher transcripts) and the number of target tokens."""
+def ce_step(rescore, batch, xa_s, device, token_noise=0.0, generator=None):
+    """Summed cross-entropy on the batch's own targets (labels or teacher transcripts) and the number of target tokens.
+    token_noise > 0: that fraction of the transcript tokens the decoder reads (never the prompt, never the targets) is
+    swapped for other transcript tokens of the batch, so the decoder learns to go on from a wrong prefix by listening
+    instead of copying what it has written (teacher forcing never shows it its own mistakes: the loops of greedy decoding)."""
     tokens, targets = batch['tokens'].to(device), batch['targets'].to(device)
+    if token_noise > 0:
+        valid = targets != -100
+        text_in = valid & F.pad(valid[:, :-1], (1, 0))  # input j is a transcript token iff targets j-1 and j are
+        pool = tokens[text_in]
+        swap = text_in & (torch.rand(tokens.shape, generator=generator, device=device) < token_noise)
+        tokens = tokens.masked_scatter(swap, pool[torch.randint(len(pool), (int(swap.sum()),), generator=generator,
+                                                                 device=device)])
     logits = rescore(tokens, xa=xa_s) if xa_s is not None else rescore(tokens, mel=batch['mel'].to(device))
     valid = targets != -100
     return F.cross_entropy(logits[valid].float(), targets[valid], reduction='sum'), valid.sum()
@@ -601,7 +612,7 @@ def distill(overrides=None):
                                           teacher_rollout, full_diag)
         if cfg.mode != 'opd' or (cfg.ce_weight > 0 and (batch['targets'] != -100).any()):
             with ctx:
-                ce_sum, ce_n = ce_step(rescore, batch, xa_s, device)
+                ce_sum, ce_n = ce_step(rescore, batch, xa_s, device, cfg.token_noise, generator)
         # means over the positions of the GLOBAL batch: every rank divides its sum by the global count (times the world
         # size, as DDP averages gradients), so N processes give the update of one process on the whole batch
         counts = torch.stack([n, ce_n]).float()

@@ -327,3 +327,24 @@ def test_distilled_student_exports_to_openai_whisper(setup):
     mel, tokens = torch.randn(1, 80, 800), torch.tensor([tok.sot_sequence() + [5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(theirs(mel, tokens), model(mel, tokens), atol=1e-4, rtol=1e-4)
+
+def test_token_noise_swaps_only_transcript_inputs():
+    seen = []
+    def rescore(tokens, xa=None, mel=None):  # records what the decoder reads; logits that depend on nothing
+        seen.append(tokens.clone())
+        return torch.zeros(*tokens.shape, V)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, V, (n,), generator=g).tolist() for n in (30, 25, 12, 40)]
+    prompt = [SOT, 2, 3]
+    tokens, targets = pack([prompt] * 4, seqs, [True] * 4, EOT)
+    batch = {'tokens': tokens, 'targets': targets}
+    clean = distill.ce_step(rescore, batch, torch.zeros(4, 1, 64), 'cpu')
+    noisy = distill.ce_step(rescore, batch, torch.zeros(4, 1, 64), 'cpu', 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(seen[0], tokens) and clean[1] == noisy[1] and torch.equal(clean[0], noisy[0])  # same targets
+    text_in = torch.zeros_like(tokens, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        text_in[b, len(prompt):len(prompt) + len(s)] = True
+    changed = seen[1] != tokens
+    assert not changed[~text_in].any()  # prompt and padding untouched
+    assert 0.15 < changed[text_in].float().mean() < 0.35  # ~0.3, less the swaps that drew the same id
+    assert set(seen[1][changed].tolist()) <= set(tokens[text_in].tolist())  # drawn from the batch's transcripts
