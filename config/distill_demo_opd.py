@@ -1,7 +1,7 @@
 # The demo's opd row on its own (run `python demo.py --rows=base` first): teacher Whisper base (frozen); student = base's
 # encoder (frozen, shared: its outputs are computed once per utterance and cached) + a 2-layer decoder initialised from
 # the teacher's first and last decoder layers, SFT'd as the demo's base row. Loss: the paper's top-k union forward KL on
-# greedy rollouts, on the demo's 400 unlabeled clips (their manifest has no transcripts). Only the decoder layers train.
+# greedy rollouts, on the demo's 1,000 unlabeled clips (their manifest has no transcripts). Only the decoder layers train.
 out_dir = 'out/demo_opd'
 teacher_path = 'weights/base'
 init_from = 'out/demo/base/ckpt.pt'  # 'teacher' = make_student(teacher, student_layers) without the base-row training
