@@ -351,15 +351,14 @@ def ce_step(rescore, batch, xa_s, device, token_noise=0.0, generator=None):
     swapped for other transcript tokens of the batch, so the decoder learns to go on from a wrong prefix by listening
     instead of copying what it has written (teacher forcing never shows it its own mistakes: the loops of greedy decoding)."""
     tokens, targets = batch['tokens'].to(device), batch['targets'].to(device)
+    valid = targets != -100
     if token_noise > 0:
-        valid = targets != -100
         text_in = valid & F.pad(valid[:, :-1], (1, 0))  # input j is a transcript token iff targets j-1 and j are
         pool = tokens[text_in]
         swap = text_in & (torch.rand(tokens.shape, generator=generator, device=device) < token_noise)
         tokens = tokens.masked_scatter(swap, pool[torch.randint(len(pool), (int(swap.sum()),), generator=generator,
                                                                  device=device)])
     logits = rescore(tokens, xa=xa_s) if xa_s is not None else rescore(tokens, mel=batch['mel'].to(device))
-    valid = targets != -100
     return F.cross_entropy(logits[valid].float(), targets[valid], reduction='sum'), valid.sum()
 
 # -----------------------------------------------------------------------------
