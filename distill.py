@@ -55,6 +55,9 @@ teacher_path = 'weights/base'  # Whisper weights (.pt / HF dir / CT2 dir) or our
 student_layers = 2  # init_from='teacher': decoder layers of the student (teacher's first and last, distil-whisper style)
 freeze_encoder = True
 freeze_embeddings = False  # True: the decoder's token (= tied output) and position embeddings stay the teacher's
+# True: the decoder's cross-attention key/value projections stay as loaded. Over 1,500 audio frames they are a step's
+# costliest matmuls; frozen (with a frozen encoder), an OPD step makes them once, without grad, for rollout and re-scoring
+freeze_cross_kv = False
 dropout = 0.0  # the student's dropout in training steps (rollouts and evaluation always run without)
 encoder_cache = True  # keep frozen encoders' outputs per audio file (only with a fixed n_frames, e.g. Whisper's 3000)
 encoder_cache_dir = ''  # also persist them there in float16, for later runs ('' = in memory only)
@@ -84,6 +87,7 @@ n_samples = 1  # rollouts per utterance (needs temperature > 0)
 tokens_per_second = 6.0  # per-utterance bound: length_slack + tokens_per_second * duration (see length_bounds)
 length_slack = 8
 ngram_stop = 0  # > 0: cut a rollout where an n-gram of this size repeats (a loop); no EOT target then
+loop_unlikelihood = 0.0  # > 0 (needs ngram_stop): the repeated n-gram of a cut rollout gets this x -log(1 - p_S), not the KL
 # AdamW and the schedule (the launcher's defaults; the paper states none)
 learning_rate = 1e-4
 max_iters = 500
@@ -116,7 +120,7 @@ def length_bounds(durations, per_second=tokens_per_second, slack=length_slack):
     return [math.ceil(slack + per_second * d) for d in durations]
 
 def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=0.0, top_p=1.0, generator=None, ngram_stop=0,
-            topk=0):
+            topk=0, cross_kv=None):
     """model transcribes the audio itself: KV-cached greedy or sampling, no grad, dropout off, control tokens masked
     except EOT. Returns (tokens without prompt/EOT, ended: EOT reached) per utterance, and with topk > 0 the model's
     top-k ids at every scored position (topk_union's student side); one generate call per prompt."""
@@ -129,7 +133,8 @@ def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=
         out = model.generate(xa[idx], list(prompt), tok.eot, max_new_tokens=max_new_tokens, suppress=tok.suppress,
                              suppress_blank=tok.suppress_blank, temperature=temperature, top_p=top_p,
                              max_lens=None if max_lens is None else [max_lens[b] for b in idx], generator=generator,
-                             stop_ngram=ngram_stop, topk=topk)
+                             stop_ngram=ngram_stop, topk=topk,
+                             cross_kv=cross_kv and {m: (k[idx], v[idx]) for m, (k, v) in cross_kv.items()})
         for j, b in enumerate(idx):
             tokens[b], ended[b] = out[0][j], out[2][j]
             if topk:
@@ -149,6 +154,19 @@ def pack(prompts, seqs, ended, eot, device='cpu'):
         tokens[b, :len(r) - 1] = torch.tensor(r[:-1])
         targets[b, len(p) - 1:len(r) - 1] = torch.tensor(r[len(p):], dtype=torch.long)
     return tokens.to(device), targets.to(device)
+
+def loop_tails(prompts, seqs, ended, n, shape):
+    """(B, L) True at the target positions of the last n tokens of each rollout that was cut because that n-gram had
+    already occurred (generate's stop_ngram), in pack's layout."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for b, (p, s, e) in enumerate(zip(prompts, seqs, ended)):
+        if n and not e and len(s) > n and tuple(s[-n:]) in {tuple(s[i:i + n]) for i in range(len(s) - n)}:
+            mask[b, len(p) - 1 + len(s) - n:len(p) - 1 + len(s)] = True
+    return mask
+
+def unlikelihood(lp_x):
+    """Welleck et al. 2019's token unlikelihood -log(1 - p) from the log-probability of an unwanted token."""
+    return -torch.log1p(-lp_x.exp().clamp(max=1 - 1e-6))
 
 def masked_log_softmax(logits, suppress=()):
     """Log-probabilities over the vocabulary with the control tokens (suppress) at -inf, as during decoding; applied
@@ -232,10 +250,12 @@ class Rescore(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, xa=None, mel=None, select=None, ids=None):
+    def forward(self, tokens, xa=None, mel=None, select=None, ids=None, cross_kv=None):
         """Logits (B, L, V); or, given ids (N, m) for the N positions where select (B, L) is True, the logits of those ids
-        only (N, m): topk_union needs no more, and m dot products per position replace the V-way output projection."""
-        x = self.model.decoder(tokens, self.model.encoder(mel) if xa is None else xa, project=ids is None)
+        only (N, m): topk_union needs no more, and m dot products per position replace the V-way output projection.
+        cross_kv: the decoder's cross_kv(xa) when its key/value projections are frozen."""
+        x = self.model.decoder(tokens, self.model.encoder(mel) if xa is None else xa, dict(cross_kv) if cross_kv else None,
+                               project=ids is None)
         if ids is None:
             return x
         w = self.model.decoder.token_embedding.weight  # tied output embedding
@@ -303,6 +323,11 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
     t0 = _now(dev)
     # 1. rollout: the student's own transcripts (or, with probability 1 - lmbda, the teacher's greedy ones)
     max_lens = length_bounds(durations, cfg.tokens_per_second, cfg.length_slack)
+    cross = None  # the student's cross-attention keys/values of the audio, made once when nothing that makes them trains
+    if xa_s is not None and not any(p.requires_grad for n, p in student.decoder.named_parameters() if 'cross_attn.key' in n
+                                    or 'cross_attn.value' in n):
+        with torch.no_grad(), ctx:
+            cross = student.decoder.cross_kv(xa_s)
     with ctx:
         if teacher_rollout:
             seqs, ended = rollout(teacher, xa_t, prompts, tok, cfg.max_new_tokens, max_lens, ngram_stop=cfg.ngram_stop)
@@ -314,7 +339,7 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
                     student.train()
             seqs, ended, *top_s = rollout(student, xa_roll if xa_s is None else xa_s, prompts, tok, cfg.max_new_tokens,
                                           max_lens, cfg.temperature, cfg.top_p, generator, cfg.ngram_stop,
-                                          topk=k if union_only else 0)
+                                          topk=k if union_only else 0, cross_kv=cross)
     tokens, targets = pack(prompts, seqs, ended, tok.eot, mel.device)
     valid = targets != -100
     t1 = _now(dev)
@@ -328,21 +353,35 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
     if union_only:  # the student's logits on U_t only: its top-k ids were recorded at every rollout step
         union, valid_u, dup = union_support(torch.cat(top_s[0]).to(lp_t.device), lp_t, k)
         with ctx:
-            s_u = rescore(tokens, select=valid, ids=union, **audio)
+            s_u = rescore(tokens, select=valid, ids=union, cross_kv=cross, **audio)
         per_pos, ok = topk_union_kl(s_u, lp_t.gather(1, union), valid_u, cfg.tau)
         lp_s = None
         if full_diag:
             with torch.no_grad(), ctx:
-                lp_s = masked_log_softmax(student.decoder(tokens, xa_s if xa_s is not None else student.encoder(mel))[valid],
-                                          tok.suppress)
+                lp_s = masked_log_softmax(student.decoder(tokens, xa_s if xa_s is not None else student.encoder(mel),
+                                                          dict(cross) if cross else None)[valid], tok.suppress)
     else:
         with ctx:
-            logits = rescore(tokens, **audio)
+            logits = rescore(tokens, cross_kv=cross, **audio)
         lp_s = masked_log_softmax(logits[valid], tok.suppress)
         per_pos, ok = opd_loss(lp_s, lp_t, targets[valid], cfg.loss, k, cfg.tau, cfg.beta)
         _, valid_u, dup = union_support(lp_s.detach().topk(k, dim=-1).indices, lp_t, k)  # for VUSS, whatever the loss
+    loops = loop_tails(prompts, seqs, ended, cfg.ngram_stop, targets.shape)
+    loop = loops[valid.cpu()].to(per_pos.device)
+    if cfg.loop_unlikelihood > 0 and loop.any():
+        # 5. where the rollout repeated itself the teacher is no guide: forced onto a loop it tends to continue it, and
+        # the KL then teaches the loop. Those tokens get the unlikelihood loss instead (sequence-level UL on own rollouts)
+        x = targets[valid]
+        if union_only:  # the rollout's token is among the student's own top-k, so in U_t; p_S renormalised on U_t
+            lp_u = F.log_softmax(s_u.float().masked_fill(~valid_u, -math.inf), dim=-1)
+            hit = (union == x[:, None]) & valid_u
+            lp_x, loop = lp_u.gather(1, hit.float().argmax(1, keepdim=True)).squeeze(1), loop & hit.any(1)
+        else:
+            lp_x = lp_s.gather(1, x[:, None]).squeeze(1)
+        per_pos, ok = torch.where(loop, cfg.loop_unlikelihood * unlikelihood(lp_x), per_pos), ok | loop
     stats = diagnostics(valid_u, dup, lp_t, lp_s if full_diag else None)
-    stats.update(rollout_len=sum(map(len, seqs)), ended=sum(ended), rollouts=len(seqs), t_rollout=t1 - t0, t_teacher=t2 - t1)
+    stats.update(rollout_len=sum(map(len, seqs)), ended=sum(ended), rollouts=len(seqs), t_rollout=t1 - t0, t_teacher=t2 - t1,
+                 looped=loops.any(1).sum().item())
     return per_pos.sum(), ok.sum(), stats
 
 def ce_step(rescore, batch, xa_s, device, token_noise=0.0, generator=None):
@@ -447,6 +486,8 @@ def distill(overrides=None):
     if cfg.freeze_encoder:
         frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters() if n.startswith('encoder.')})
     frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters() if n.startswith('ctc_head.')})  # unused here
+    if cfg.freeze_cross_kv:
+        frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters() if '.cross_attn.key' in n or '.cross_attn.value' in n})
     if cfg.freeze_embeddings:
         frozen = sorted(set(frozen) | {'decoder.token_embedding.weight', 'decoder.positional_embedding'})
     for n, p in student.named_parameters():
@@ -576,8 +617,8 @@ def distill(overrides=None):
         summary['val_wer'] = val_wer() if master else None
         return summary
 
-    keys = ['loss', 'kl_st', 'kl_ts', 'kl_positions', 'vuss', 'overlap', 'positions', 'rollout_len', 'ended', 'rollouts',
-            'n', 'ce_n', 't_rollout', 't_teacher', 't_step']
+    keys = ['loss', 'kl_st', 'kl_ts', 'kl_positions', 'vuss', 'overlap', 'positions', 'rollout_len', 'ended', 'looped',
+            'rollouts', 'n', 'ce_n', 't_rollout', 't_teacher', 't_step']
     sums, t_start, start_iter, last_logged, saved = dict.fromkeys(keys, 0.0), time.time(), iter_num, iter_num, False
     while True:
         last = iter_num >= cfg.max_iters
@@ -646,6 +687,7 @@ def distill(overrides=None):
                 kl_pos = max(s['kl_positions'], 1)  # the KLs come from the last step of the interval
                 record.update(kl_st=s['kl_st'] / kl_pos, kl_ts=s['kl_ts'] / kl_pos, vuss=s['vuss'] / pos,
                               overlap=s['overlap'] / pos, rollout_len=s['rollout_len'] / ro, eot_frac=s['ended'] / ro,
+                              loop_frac=s['looped'] / ro,
                               ms_rollout=1000 * s['t_rollout'] / steps, ms_teacher=1000 * s['t_teacher'] / steps)
             record.update(ms_step=1000 * s['t_step'] / steps, minutes=(time.time() - t_start) / 60)
             if master:

@@ -108,10 +108,14 @@ def test_topk_union_with_full_k_is_forward_kl_and_vuss():
     d = diagnostics(*union_support(lp_t.topk(8).indices, lp_t, 8)[1:], lp_t, lp_t)
     assert d['vuss'] == 8 * d['positions'] and d['overlap'] == d['positions'] and d['kl_st'] == 0
 
-def test_union_only_step_equals_full_vocabulary_loss():
+@pytest.mark.parametrize('frozen_kv', [False, True])
+def test_union_only_step_equals_full_vocabulary_loss(frozen_kv):
     """opd_step's topk_union projects the student onto U_t only (top-k recorded in the rollout): the same loss and the
-    same gradients as opd_loss on the student's full log-probabilities."""
+    same gradients as opd_loss on the student's full log-probabilities. With the cross-attention keys/values frozen,
+    opd_step makes them once for rollout and re-scoring: still the same."""
     teacher, student = tiny(3, 0.3), tiny(4, 0.3).train()
+    for n, p in student.named_parameters():
+        p.requires_grad_(not (frozen_kv and ('cross_attn.key' in n or 'cross_attn.value' in n)))
     batch = batch_of()
     with torch.no_grad():
         xa = teacher.encoder(batch['mel'])
@@ -129,6 +133,7 @@ def test_union_only_step_equals_full_vocabulary_loss():
     assert n == ok.sum() == stats['positions'] > 10 and total.item() > 0.01
     torch.testing.assert_close(total, per_pos.sum(), rtol=1e-5, atol=1e-6)
     assert grads.keys() == {k for k, p in student.named_parameters() if p.grad is not None}
+    assert frozen_kv == (not any("cross_attn.value" in k for k in grads))
     for k, p in student.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6)
@@ -138,6 +143,41 @@ def first_repeat(tokens, n):  # brute force: the prefix that ends where some n-g
         if tuple(tokens[i - n:i]) in {tuple(tokens[j - n:j]) for j in range(n, i)}:
             return tokens[:i]
     return tokens
+
+@pytest.mark.parametrize('loss', ['topk_union', 'fkl'])
+def test_loop_unlikelihood_replaces_the_kl_on_repeated_ngrams(loss):
+    """A rollout cut at a repeated n-gram: its last n tokens get w * -log(1 - p_S(token)) instead of the KL (p_S
+    renormalised on U_t for topk_union, which never sees the full vocabulary), every other position keeps its KL."""
+    teacher, student = tiny(3, 0.3), tiny(4, 0.3).train()
+    batch = batch_of()
+    with torch.no_grad():
+        xa = teacher.encoder(batch['mel'])
+    c = cfg(loss=loss, ngram_stop=2, loop_unlikelihood=0.5, max_new_tokens=30, length_slack=30)
+    total, n, stats = opd_step(student, Rescore(student), teacher, TOK, batch, [[SOT]] * 4, xa, xa, c)
+    seqs, ended = rollout(student, xa, [[SOT]] * 4, TOK, 30, distill.length_bounds([1.0, 2.0, 1.5, 0.5], 4.0, 30),
+                          ngram_stop=2)
+    tokens, targets = pack([[SOT]] * 4, seqs, ended, EOT)
+    valid = targets != -100
+    with torch.no_grad():
+        lp_t = masked_log_softmax(teacher.decoder(tokens, xa)[valid], TOK.suppress)
+        lp_s = masked_log_softmax(student.decoder(tokens, xa)[valid], TOK.suppress)
+    x = targets[valid]
+    kl, ok = opd_loss(lp_s, lp_t, x, loss, k=8)
+    union, valid_u, _ = union_support(lp_s.topk(8).indices, lp_t, 8)
+    expect, looped, i = [], 0, 0
+    for s, e in zip(seqs, ended):
+        tail = not e and tuple(s[-2:]) in [tuple(s[j:j + 2]) for j in range(len(s) - 2)]
+        looped += tail
+        for j in range(len(s) + e):
+            p = lp_s[i, x[i]].exp()
+            if loss == 'topk_union':
+                p = p / lp_s[i, union[i][valid_u[i]]].exp().sum()
+            expect.append(0.5 * -torch.log(1 - p) if tail and j >= len(s) - 2 else kl[i])
+            i += 1
+    assert looped >= 1 and stats['looped'] == looped and n == len(expect) == ok.sum()
+    torch.testing.assert_close(total, torch.stack(expect).sum(), rtol=1e-4, atol=1e-5)
+    total.backward()  # finite gradients through the log1p
+    assert all(p.grad.isfinite().all() for p in student.parameters() if p.grad is not None)
 
 def test_rollout_bounds_and_teacher_rollouts():
     assert distill.length_bounds([0.0, 2.0], 6.0, 8) == [8, 20]
