@@ -9,14 +9,16 @@ One step (opd_step): 1. the student decodes its own transcripts (rollout, no gra
 each utterance stopped at a length bound from its duration); 2. the frozen teacher scores [its prompt + those tokens + EOT]
 teacher-forced in one batched pass on the same audio; 3. the student re-scores the same tokens with gradients (for
 topk_union only on U_t: its top-k ids, kept from the rollout, and the teacher's); 4. a per-token divergence (opd_loss,
-topk_union_kl), averaged over all scored positions of the global batch. mode='td' (fine-tune on the teacher's greedy
+topk_union_kl), averaged over all scored positions of the global batch; 5. optionally (loop_unlikelihood), where a
+rollout was cut at a repeated n-gram, that n-gram's tokens get -log(1 - p_S) instead (Welleck et al. 2019). mode='td' (fine-tune on the teacher's greedy
 transcripts) and mode='sft' (on human labels) are the baselines, in the same loop.
 Losses (opd_loss, per scored position t): topk_union (paper): forward KL(p_T || p_S) renormalised on U_t = student top-k
 ids | teacher top-k ids; fkl / rkl: full-vocabulary forward / reverse KL (rkl = GKD with beta 1); jsd: GKD's generalised
 JSD; pg: REINFORCE with the per-token reward -(log p_S(x) - log p_T(x)) (tinker; its logged "loss" is the surrogate,
 read kl_st instead). out_dir/log.jsonl gets, every log_interval steps: loss, full-vocab KL(S||T) and KL(T||S) per
 position (on the interval's last step), VUSS (valid tokens in U_t, k..2k) and overlap |S top-k & T top-k| / k, mean
-rollout length, fraction of rollouts ending in EOT, ms per step and per stage; and val WER every eval_interval steps.
+rollout length, fractions of rollouts ending in EOT and cut at a loop, ms per step and per stage; and val WER every
+eval_interval steps.
 From Python (demo.py): `summary = distill({'teacher_path': ..., 'max_iters': 100})`, or the pieces: rollout, pack,
 masked_log_softmax, opd_loss, diagnostics, opd_step.
 """
@@ -55,9 +57,6 @@ teacher_path = 'weights/base'  # Whisper weights (.pt / HF dir / CT2 dir) or our
 student_layers = 2  # init_from='teacher': decoder layers of the student (teacher's first and last, distil-whisper style)
 freeze_encoder = True
 freeze_embeddings = False  # True: the decoder's token (= tied output) and position embeddings stay the teacher's
-# True: the decoder's cross-attention key/value projections stay as loaded. Over 1,500 audio frames they are a step's
-# costliest matmuls; frozen (with a frozen encoder), an OPD step makes them once, without grad, for rollout and re-scoring
-freeze_cross_kv = False
 dropout = 0.0  # the student's dropout in training steps (rollouts and evaluation always run without)
 encoder_cache = True  # keep frozen encoders' outputs per audio file (only with a fixed n_frames, e.g. Whisper's 3000)
 encoder_cache_dir = ''  # also persist them there in float16, for later runs ('' = in memory only)
@@ -120,7 +119,7 @@ def length_bounds(durations, per_second=tokens_per_second, slack=length_slack):
     return [math.ceil(slack + per_second * d) for d in durations]
 
 def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=0.0, top_p=1.0, generator=None, ngram_stop=0,
-            topk=0, cross_kv=None):
+            topk=0):
     """model transcribes the audio itself: KV-cached greedy or sampling, no grad, dropout off, control tokens masked
     except EOT. Returns (tokens without prompt/EOT, ended: EOT reached) per utterance, and with topk > 0 the model's
     top-k ids at every scored position (topk_union's student side); one generate call per prompt."""
@@ -133,8 +132,7 @@ def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=
         out = model.generate(xa[idx], list(prompt), tok.eot, max_new_tokens=max_new_tokens, suppress=tok.suppress,
                              suppress_blank=tok.suppress_blank, temperature=temperature, top_p=top_p,
                              max_lens=None if max_lens is None else [max_lens[b] for b in idx], generator=generator,
-                             stop_ngram=ngram_stop, topk=topk,
-                             cross_kv=cross_kv and {m: (k[idx], v[idx]) for m, (k, v) in cross_kv.items()})
+                             stop_ngram=ngram_stop, topk=topk)
         for j, b in enumerate(idx):
             tokens[b], ended[b] = out[0][j], out[2][j]
             if topk:
@@ -250,12 +248,10 @@ class Rescore(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, xa=None, mel=None, select=None, ids=None, cross_kv=None):
+    def forward(self, tokens, xa=None, mel=None, select=None, ids=None):
         """Logits (B, L, V); or, given ids (N, m) for the N positions where select (B, L) is True, the logits of those ids
-        only (N, m): topk_union needs no more, and m dot products per position replace the V-way output projection.
-        cross_kv: the decoder's cross_kv(xa) when its key/value projections are frozen."""
-        x = self.model.decoder(tokens, self.model.encoder(mel) if xa is None else xa, dict(cross_kv) if cross_kv else None,
-                               project=ids is None)
+        only (N, m): topk_union needs no more, and m dot products per position replace the V-way output projection."""
+        x = self.model.decoder(tokens, self.model.encoder(mel) if xa is None else xa, project=ids is None)
         if ids is None:
             return x
         w = self.model.decoder.token_embedding.weight  # tied output embedding
@@ -323,11 +319,6 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
     t0 = _now(dev)
     # 1. rollout: the student's own transcripts (or, with probability 1 - lmbda, the teacher's greedy ones)
     max_lens = length_bounds(durations, cfg.tokens_per_second, cfg.length_slack)
-    cross = None  # the student's cross-attention keys/values of the audio, made once when nothing that makes them trains
-    if xa_s is not None and not any(p.requires_grad for n, p in student.decoder.named_parameters() if 'cross_attn.key' in n
-                                    or 'cross_attn.value' in n):
-        with torch.no_grad(), ctx:
-            cross = student.decoder.cross_kv(xa_s)
     with ctx:
         if teacher_rollout:
             seqs, ended = rollout(teacher, xa_t, prompts, tok, cfg.max_new_tokens, max_lens, ngram_stop=cfg.ngram_stop)
@@ -339,7 +330,7 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
                     student.train()
             seqs, ended, *top_s = rollout(student, xa_roll if xa_s is None else xa_s, prompts, tok, cfg.max_new_tokens,
                                           max_lens, cfg.temperature, cfg.top_p, generator, cfg.ngram_stop,
-                                          topk=k if union_only else 0, cross_kv=cross)
+                                          topk=k if union_only else 0)
     tokens, targets = pack(prompts, seqs, ended, tok.eot, mel.device)
     valid = targets != -100
     t1 = _now(dev)
@@ -353,16 +344,16 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
     if union_only:  # the student's logits on U_t only: its top-k ids were recorded at every rollout step
         union, valid_u, dup = union_support(torch.cat(top_s[0]).to(lp_t.device), lp_t, k)
         with ctx:
-            s_u = rescore(tokens, select=valid, ids=union, cross_kv=cross, **audio)
+            s_u = rescore(tokens, select=valid, ids=union, **audio)
         per_pos, ok = topk_union_kl(s_u, lp_t.gather(1, union), valid_u, cfg.tau)
         lp_s = None
         if full_diag:
             with torch.no_grad(), ctx:
-                lp_s = masked_log_softmax(student.decoder(tokens, xa_s if xa_s is not None else student.encoder(mel),
-                                                          dict(cross) if cross else None)[valid], tok.suppress)
+                lp_s = masked_log_softmax(student.decoder(tokens, xa_s if xa_s is not None else student.encoder(mel))[valid],
+                                          tok.suppress)
     else:
         with ctx:
-            logits = rescore(tokens, cross_kv=cross, **audio)
+            logits = rescore(tokens, **audio)
         lp_s = masked_log_softmax(logits[valid], tok.suppress)
         per_pos, ok = opd_loss(lp_s, lp_t, targets[valid], cfg.loss, k, cfg.tau, cfg.beta)
         _, valid_u, dup = union_support(lp_s.detach().topk(k, dim=-1).indices, lp_t, k)  # for VUSS, whatever the loss
@@ -486,8 +477,6 @@ def distill(overrides=None):
     if cfg.freeze_encoder:
         frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters() if n.startswith('encoder.')})
     frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters() if n.startswith('ctc_head.')})  # unused here
-    if cfg.freeze_cross_kv:
-        frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters() if '.cross_attn.key' in n or '.cross_attn.value' in n})
     if cfg.freeze_embeddings:
         frozen = sorted(set(frozen) | {'decoder.token_embedding.weight', 'decoder.positional_embedding'})
     for n, p in student.named_parameters():

@@ -143,12 +143,6 @@ class TextDecoder(nn.Module):
         x = self.ln(x)
         return (x @ self.token_embedding.weight.to(x.dtype).T).float() if project else x  # tied output embedding
 
-    def cross_kv(self, xa):
-        """The audio's cross-attention keys and values of every block, as a kv_cache holds them. With the key/value
-        projections frozen they can be made once and passed (copied) to several calls on the same audio."""
-        return {b.cross_attn: (b.cross_attn.split(b.cross_attn.key(xa)), b.cross_attn.split(b.cross_attn.value(xa)))
-                for b in self.blocks}
-
 class Whisper(nn.Module):
 
     def __init__(self, dims: ModelDimensions):
@@ -208,19 +202,18 @@ class Whisper(nn.Module):
 
     @torch.no_grad()
     def generate(self, xa, prompt, eot, max_new_tokens=None, suppress=(), suppress_blank=(), temperature=0.0,
-                 top_p=1.0, max_lens=None, generator=None, stop_ngram=0, topk=0, cross_kv=None):
+                 top_p=1.0, max_lens=None, generator=None, stop_ngram=0, topk=0):
         """Batched greedy decoding (temperature 0) or sampling, KV-cached.
         xa: encoder output (B, S, D); prompt: list[int] shared by the batch; max_lens: optional per-utterance bound;
         stop_ngram > 0: stop a sequence where an n-gram of that size occurs the second time (a loop), keeping it.
         Returns (tokens, logprobs, ended): lists over the batch, without prompt and EOT; ended[b] says EOT was reached.
-        topk > 0: also the top-k ids of every step's masked logits, (len(tokens[b]) + ended[b], topk) per utterance.
-        cross_kv: the decoder's cross_kv(xa), if already made."""
+        topk > 0: also the top-k ids of every step's masked logits, (len(tokens[b]) + ended[b], topk) per utterance."""
         B, device = xa.shape[0], xa.device
         limit = self.dims.n_text_ctx - len(prompt)
         max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
         bounds = [max_new_tokens] * B if max_lens is None else [min(int(m), max_new_tokens) for m in max_lens]
         seen = [set() for _ in range(B)]  # stop_ngram: the n-grams each sequence has produced
-        kv_cache = dict(cross_kv or {})
+        kv_cache = {}
         logits = self.decoder(torch.tensor([prompt] * B, device=device), xa, kv_cache)[:, -1]
         tokens = torch.zeros(B, 0, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, 0, device=device)
