@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+import zlib
 
 import torch
 
@@ -179,12 +180,38 @@ def decode_cached(model, tok, rows, cache, batch_size=16):
             hyps[i], bounded[i], over = tok.decode(s).strip(), tok.decode(s[:n]).strip(), over + (len(s) > n)
     return hyps, bounded, over
 
+def compression_ratio(text):
+    """Whisper's loop detector: how much better than 1x gzip compresses the transcript (a loop compresses well)."""
+    b = text.encode('utf-8')
+    return len(b) / len(zlib.compress(b)) if b else 0.0
+
+def fallback(model, tok, rows, cache, hyps, threshold=2.4, temperatures=(0.2, 0.4, 0.6, 0.8, 1.0)):
+    """Whisper's temperature fallback (transcribe's default; its compression-ratio half, not the log-prob one): an
+    utterance whose greedy transcript compresses better than 2.4x is decoded again, sampling at rising temperatures,
+    until a transcript does not (else the last one stays). Returns the transcripts and how many were decoded again."""
+    out, redone = list(hyps), 0
+    for i, h in enumerate(hyps):
+        if compression_ratio(h) <= threshold:
+            continue
+        redone += 1
+        batch = data.Batches([rows[i]], None, batch_size=1, n_mels=model.dims.n_mels, n_frames=data.N_FRAMES,
+                             shuffle=False).collate([0])
+        xa, g = cache(batch['mel'], batch['audio']), torch.Generator().manual_seed(i)
+        for T in temperatures:
+            seqs, _ = distill.rollout(model, xa, [tok.sot_sequence(rows[i].get('lang'))], tok, model.dims.n_text_ctx // 2,
+                                      temperature=T, generator=g)
+            out[i] = tok.decode(seqs[0]).strip()
+            if compression_ratio(out[i]) <= threshold:
+                break
+    return out, redone
+
 def row_path(row, out):
     return {'teacher': 'weights/base', 'tiny_en': 'weights/tiny.en'}.get(row, os.path.join(out, row, 'ckpt.pt'))
 
 def evaluate_row(row, out, test_rows, cache):
     """Test WER, S/D/I, median per-utterance WER. tiny_en (its own encoder) goes through evaluate.transcribe; the
-    base-encoder rows decode from the cached encoder outputs (their RTFx here is decoder-only; see measure_speed)."""
+    base-encoder rows decode from the cached encoder outputs (their RTFx here is decoder-only; see measure_speed), and are
+    also scored cut at the length bound and with Whisper's temperature fallback (see fallback)."""
     path = row_path(row, out)
     if not os.path.exists(path):
         print(f"{row}: no {path}, skipped")
@@ -206,6 +233,10 @@ def evaluate_row(row, out, test_rows, cache):
         res['bounded'] = {k: b[k] for k in ('wer', 's', 'd', 'i', 'n', 'median_utt_wer')}
         res['bounded']['utts_past_bound'] = over
         line += f"; cut at the length bound {100 * b['wer']:.2f}% (I {b['i']}, {over} utts past it)"
+        fb, redone = fallback(model, tok, test_rows, cache, hyps)
+        f = evaluate.report(test_rows, fb, wall)
+        res['fallback'] = dict({k: f[k] for k in ('wer', 's', 'd', 'i', 'n', 'median_utt_wer')}, redone=redone)
+        line += f"; with Whisper's fallback {100 * f['wer']:.2f}% ({redone} utts decoded again)"
     print(line)
     return res
 
@@ -231,7 +262,7 @@ def measure_speed(student_row, out, rows, cache):
 
 def print_table(results):
     print(f"\n{'row':<9} {'WER%':>7} {'S':>5} {'D':>5} {'I':>5} {'N':>5} {'med%':>6} {'bound%':>7} {'loops':>5} "
-          f"{'VUSS':>6} {'train_s':>8} {'eval_s':>7}")
+          f"{'fallb%':>7} {'VUSS':>6} {'train_s':>8} {'eval_s':>7}")
     for row in REF_ROWS + STUDENT_ROWS:
         r = results.get(row)
         if not r or 'wer' not in r:
@@ -240,17 +271,20 @@ def print_table(results):
         train_s = f"{r['train_wall_s']:.0f}" if r.get('train_wall_s') is not None else '-'
         bd = r.get('bounded')
         bounded = f"{100 * bd['wer']:7.2f} {bd['utts_past_bound']:5d}" if bd else f"{'-':>7} {'-':>5}"
+        fb = f"{100 * r['fallback']['wer']:7.2f}" if r.get('fallback') else f"{'-':>7}"
         print(f"{row:<9} {100 * r['wer']:7.2f} {r['s']:5d} {r['d']:5d} {r['i']:5d} {r['n']:5d} "
-              f"{100 * r['median_utt_wer']:6.1f} {bounded} {vuss:>6} {train_s:>8} {r['eval_wall_s']:7.1f}")
+              f"{100 * r['median_utt_wer']:6.1f} {bounded} {fb} {vuss:>6} {train_s:>8} {r['eval_wall_s']:7.1f}")
     b, t, closes = results.get('base'), results.get('teacher'), {}
-    wer, wer_bounded = lambda r: r.get('wer'), lambda r: r.get('bounded', {}).get('wer')
-    for name, get in (('', wer), (' (cut at the length bound)', wer_bounded)):
+    views = (('', '', lambda r: r.get('wer')),
+             ('_bounded', ' (cut at the length bound)', lambda r: r.get('bounded', {}).get('wer')),
+             ('_fallback', " (with Whisper's fallback)", lambda r: r.get('fallback', {}).get('wer')))
+    for key, name, get in views:
         if not (b and t and get(b) is not None and get(t) is not None and get(b) != get(t)):
             continue
         for row in ('opd', 'opd_rkl', 'td', 'td_opd'):
             if get(results.get(row, {})) is not None:
                 closed = (get(b) - get(results[row])) / (get(b) - get(t))
-                closes[row + ('_bounded' if name else '')] = closed
+                closes[row + key] = closed
                 print(f"{row}: closes {100 * closed:.0f}% of the base -> teacher WER gap{name}")
     return closes
 

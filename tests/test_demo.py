@@ -1,0 +1,25 @@
+"""demo.py's scoring helpers: Whisper's compression-ratio fallback decodes again only the transcripts that loop."""
+import os
+
+import torch
+
+import data
+import demo
+from model import ModelDimensions, Whisper
+
+def test_fallback_redecodes_only_looping_transcripts(tiny_corpus, tiny_tokenizer):
+    rows = data.read_manifest(os.path.join(tiny_corpus, 'test.jsonl'))[:2]
+    torch.manual_seed(0)
+    model = Whisper(ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=4, n_audio_layer=1,
+                                    n_vocab=tiny_tokenizer.n_vocab, n_text_ctx=40, n_text_state=64, n_text_head=4,
+                                    n_text_layer=1)).eval()
+    calls = []
+    def cache(mel, paths):  # stands in for the encoder cache: one fixed encoder output per file
+        calls.append(list(paths))
+        return torch.stack([torch.randn(1500, 64, generator=torch.Generator().manual_seed(len(p))) for p in paths])
+    loop = ' '.join(['the cat'] * 12)
+    assert demo.compression_ratio(rows[0]['text']) <= 2.4 < demo.compression_ratio(loop)
+    out, redone = demo.fallback(model, tiny_tokenizer, rows, cache, [rows[0]['text'], loop])
+    assert redone == 1 and calls == [[rows[1]['audio']]]  # only the looping one, encoded once
+    assert out[0] == rows[0]['text'] and out[1] != loop
+    assert demo.compression_ratio(out[1]) <= 2.4  # a sampled transcript that does not loop replaced it
