@@ -116,7 +116,7 @@ def row_config(row, cfg, paths, out, seed):
                always_save_checkpoint=True)
     # OPD rows: a rollout cut where a 4-gram repeats gets the unlikelihood loss on that n-gram instead of the KL to a
     # teacher that, forced onto the loop, tends to continue it (without it the opd student looped on 0-3 test clips a seed)
-    opd = dict(unl, mode='opd', loop_unlikelihood=1.0)
+    opd = dict(unl, mode='opd', loop_unlikelihood=3.0)
     if row == 'opd':
         return dict(opd, loss='topk_union', temperature=0.0)
     if row == 'opd_rkl':
