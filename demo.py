@@ -2,16 +2,17 @@
 The paper's Table 1 in miniature, on real Whisper weights (CPU is enough):
 
     python demo.py                      # the full demo (natural-text espeak corpus, Whisper base teacher)
-    python demo.py --small              # a ~5-minute smoke run (tiny corpus, a few steps per row)
+    python demo.py --small              # a ~2-minute smoke run (tiny corpus, a few steps per row)
     python demo.py --rows=base,opd      # some rows only; later rows reuse earlier rows' checkpoints under out/demo/
     python demo.py --seed=1             # another training seed (same corpus) -> out/demo_seed1/
 
 Rows: base = a 2-layer-decoder student on Whisper base's frozen encoder (decoder layers 0 and 5 of the teacher), SFT on
-3% of the training labels (90 clips); from base, on other training audio without its labels and with the same number
-of student updates: opd (topk_union, greedy rollouts: the paper), opd_rkl (reverse KL, sampled rollouts), td (SFT on
-the teacher's transcripts), td_opd (td's checkpoint, then opd). Reference rows: teacher (Whisper base, greedy) and tiny_en (Whisper
-tiny.en, greedy). Stages: data (weights, espeak corpus), encode (base's encoder once per clip, cached on disk), one per
-row, eval (test WER), speed. Everything goes to out/demo/: results.json, demo.png (matplotlib), one directory per row
+3% of the training labels (90 clips); from base, on other training audio without its labels and with the same number of
+student updates: opd (topk_union, greedy rollouts: the paper), opd_rkl (reverse KL, sampled rollouts), td (SFT on the
+teacher's transcripts), td_opd (td's checkpoint, then opd); the OPD rows with loop_unlikelihood. Reference rows: teacher
+(Whisper base, greedy) and tiny_en (Whisper tiny.en, greedy). Stages: data (weights, espeak corpus), encode (base's
+encoder once per clip, cached on disk), one per row, eval (test WER: greedy, cut at the length bound, and with Whisper's
+temperature fallback), speed. Everything goes to out/demo/: results.json, demo.png (matplotlib), one directory per row
 (ckpt.pt for evaluate.py --ckpt, log.jsonl, summary.json; whisper.pt for openai-whisper from opd and td_opd).
 """
 import json
