@@ -206,6 +206,8 @@ def fallback(model, tok, rows, cache, hyps, threshold=2.4, temperatures=(0.2, 0.
                 break
     return out, redone
 
+SCORES = ('wer', 's', 'd', 'i', 'n', 'median_utt_wer')  # what results.json keeps of the bounded and fallback scorings
+
 def row_path(row, out):
     return {'teacher': 'weights/base', 'tiny_en': 'weights/tiny.en'}.get(row, os.path.join(out, row, 'ckpt.pt'))
 
@@ -231,12 +233,12 @@ def evaluate_row(row, out, test_rows, cache):
             f"median utt {100 * res['median_utt_wer']:.1f}%, {wall:.1f} s")
     if bounded is not None:
         b = evaluate.report(test_rows, bounded, wall)
-        res['bounded'] = {k: b[k] for k in ('wer', 's', 'd', 'i', 'n', 'median_utt_wer')}
+        res['bounded'] = {k: b[k] for k in SCORES}
         res['bounded']['utts_past_bound'] = over
         line += f"; cut at the length bound {100 * b['wer']:.2f}% (I {b['i']}, {over} utts past it)"
         fb, redone = fallback(model, tok, test_rows, cache, hyps)
         f = evaluate.report(test_rows, fb, wall)
-        res['fallback'] = dict({k: f[k] for k in ('wer', 's', 'd', 'i', 'n', 'median_utt_wer')}, redone=redone)
+        res['fallback'] = dict({k: f[k] for k in SCORES}, redone=redone)
         line += f"; with Whisper's fallback {100 * f['wer']:.2f}% ({redone} utts decoded again)"
     print(line)
     return res
