@@ -10,8 +10,9 @@ each utterance stopped at a length bound from its duration); 2. the frozen teach
 teacher-forced in one batched pass on the same audio; 3. the student re-scores the same tokens with gradients (for
 topk_union only on U_t: its top-k ids, kept from the rollout, and the teacher's); 4. a per-token divergence (opd_loss,
 topk_union_kl), averaged over all scored positions of the global batch; 5. optionally (loop_unlikelihood), where a
-rollout was cut at a repeated n-gram, that n-gram's tokens get -log(1 - p_S) instead (Welleck et al. 2019). mode='td' (fine-tune on the teacher's greedy
-transcripts) and mode='sft' (on human labels) are the baselines, in the same loop.
+rollout was cut at a repeated n-gram, that n-gram's tokens get -log(1 - p_S) instead (Welleck et al. 2019).
+mode='td' (fine-tune on the teacher's greedy transcripts) and mode='sft' (on human labels) are the baselines, in the
+same loop.
 Losses (opd_loss, per scored position t): topk_union (paper): forward KL(p_T || p_S) renormalised on U_t = student top-k
 ids | teacher top-k ids; fkl / rkl: full-vocabulary forward / reverse KL (rkl = GKD with beta 1); jsd: GKD's generalised
 JSD; pg: REINFORCE with the per-token reward -(log p_S(x) - log p_T(x)) (tinker; its logged "loss" is the surrogate,
@@ -23,6 +24,7 @@ From Python (demo.py): `summary = distill({'teacher_path': ..., 'max_iters': 100
 masked_log_softmax, opd_loss, diagnostics, opd_step.
 """
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -688,6 +690,10 @@ def distill(overrides=None):
             cfg.max_iters = iter_num  # max_minutes: evaluate and save at the top of the loop, then stop
     if ddp:
         dist.barrier()  # no rank may tear the group down while the master is still writing its checkpoint
+        # DDP's hooks hold the wrapper in reference cycles: free it now, while its process group exists. Left to the
+        # garbage collector it could outlive destroy_process_group, and gloo then aborted the process at exit (SIGABRT)
+        del rescore
+        gc.collect()
     summary.update(iter=iter_num, best_val_wer=best_val_wer, ckpt=ckpt_path, minutes=(time.time() - t_start) / 60)
     return summary
 

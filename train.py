@@ -12,6 +12,7 @@ Checkpoints (out_dir/ckpt.pt, the latest state) hold everything init_from='resum
 weights, AdamW state, RNG states and the position in the data (epoch, batch).
 """
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -429,4 +430,6 @@ if master:
         log_json({'iter': iter_num, 'test_wer': res['wer'], 'minutes': (time.time() - t_start) / 60})
 if ddp:
     dist.barrier()  # wait for the master's checkpoint and test table before tearing the group down
+    del train_module  # DDP sits in reference cycles: free it while its group exists (else gloo may SIGABRT at exit)
+    gc.collect()
     dist.destroy_process_group()
