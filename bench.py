@@ -128,9 +128,10 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
     """One OPD step vs one supervised step (cross-entropy on the labels) of the same student on the same batch, both
     with the frozen shared encoder's outputs cached (computed once per utterance, timed apart) and, as in the demo, only
     the decoder layers trained (embeddings frozen): ms per step, the ratio, and the OPD breakdown (rollout / teacher
-    scoring / student update), with and without the rollout length bound, and with the teacher scoring in float32
-    instead of bf16 autocast (teacher_bf16=False; CPU only). The full-vocabulary KL diagnostics are left out, as in all
-    but one step of every log_interval; on CUDA both steps run under bf16 autocast, as distill.py does."""
+    scoring / student update), with and without the rollout length bound; on CPU also in float32: the student's
+    (student_bf16=False, the teacher still in bf16) and everything (teacher_bf16=False too), those against an SFT step
+    in float32. The full-vocabulary KL diagnostics are left out, as in all but one step of every log_interval; on CUDA
+    both steps run under bf16 autocast, as distill.py does."""
     from contextlib import nullcontext
     from types import SimpleNamespace
     import torch
@@ -163,8 +164,8 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
         (total / n.clamp(min=1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    def sft():
-        with ctx:
+    def sft(bf16=distill.student_bf16):
+        with distill.cpu_bf16(bf16, device, ctx):
             total, n = distill.ce_step(rescore, batch, xa, device)
         update(total, n)
         return {}
@@ -173,9 +174,10 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
         update(total, n)
         return stats
     defaults = {k: getattr(distill, k) for k in distill.config_keys}
-    runs = {'sft': sft, 'opd': lambda: opd(SimpleNamespace(**defaults)),
+    runs = {'sft': sft, 'sft_fp32': lambda: sft(False), 'opd': lambda: opd(SimpleNamespace(**defaults)),
             'opd_unbounded': lambda: opd(SimpleNamespace(**dict(defaults, length_slack=10 ** 6))),
-            'opd_teacher_fp32': lambda: opd(SimpleNamespace(**dict(defaults, teacher_bf16=False)))}
+            'opd_student_fp32': lambda: opd(SimpleNamespace(**dict(defaults, student_bf16=False))),
+            'opd_fp32': lambda: opd(SimpleNamespace(**dict(defaults, student_bf16=False, teacher_bf16=False)))}
     res = {}
     for name, fn in runs.items():
         fn()  # warm-up (allocations, AdamW state)
@@ -187,19 +189,20 @@ def _opd_vs_sft(teacher_path='weights/base', manifest='data/synth_grammar/train.
             if best is None or dt < best[0]:
                 best = (dt, stats)
         res[name] = best
-    t_sft = res['sft'][0]
+    t_sft, t_sft32 = res['sft'][0], res['sft_fp32'][0]
     print(f"batch of {len(rows)} utterances ({batch['duration'].sum():.1f} s of audio), student "
           f"{student.get_num_params() / 1e6:.1f}M ({sum(p.numel() for p in params) / 1e6:.1f}M trained), teacher "
           f"{teacher.get_num_params() / 1e6:.1f}M; encoder once per utterance (cached after): {1000 * t_enc / len(rows):.0f} ms/utt")
     print(f"{'step':<17} {'ms':>8} {'x sft':>6} {'rollout':>8} {'teacher':>8} {'update':>8} {'tokens/utt':>10} {'ended':>6}")
     print(f"{'sft':<17} {1000 * t_sft:8.0f} {1.0:6.2f}")
-    out = {'sft_ms': 1000 * t_sft, 'encoder_ms_per_utt': 1000 * t_enc / len(rows)}
-    for name in ('opd', 'opd_unbounded', 'opd_teacher_fp32'):
+    print(f"{'sft_fp32':<17} {1000 * t_sft32:8.0f} {1.0:6.2f}   (ratios of the *_fp32 rows are to this one)")
+    out = {'sft_ms': 1000 * t_sft, 'sft_fp32_ms': 1000 * t_sft32, 'encoder_ms_per_utt': 1000 * t_enc / len(rows)}
+    for name in ('opd', 'opd_unbounded', 'opd_student_fp32', 'opd_fp32'):
         dt, s = res[name]
-        upd = dt - s['t_rollout'] - s['t_teacher']
-        print(f"{name:<17} {1000 * dt:8.0f} {dt / t_sft:6.2f} {1000 * s['t_rollout']:8.0f} {1000 * s['t_teacher']:8.0f} "
+        upd, ref = dt - s['t_rollout'] - s['t_teacher'], t_sft32 if name.endswith('fp32') else t_sft
+        print(f"{name:<17} {1000 * dt:8.0f} {dt / ref:6.2f} {1000 * s['t_rollout']:8.0f} {1000 * s['t_teacher']:8.0f} "
               f"{1000 * upd:8.0f} {s['rollout_len'] / s['rollouts']:10.1f} {s['ended'] / s['rollouts']:6.2f}")
-        out.update({f'{name}_ms': 1000 * dt, f'{name}_ratio': dt / t_sft, f'{name}_rollout_ms': 1000 * s['t_rollout'],
+        out.update({f'{name}_ms': 1000 * dt, f'{name}_ratio': dt / ref, f'{name}_rollout_ms': 1000 * s['t_rollout'],
                     f'{name}_teacher_ms': 1000 * s['t_teacher'], f'{name}_update_ms': 1000 * upd})
     return out
 

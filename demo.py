@@ -39,7 +39,7 @@ REF_ROWS = ['teacher', 'tiny_en']
 # token_noise: the supervised rows' (base, td) decoder inputs get that fraction of their transcript tokens swapped (see
 # distill.ce_step); without it the 2-layer base loops on held-out voices (7-12 of 200 test utterances, measured).
 FULL = dict(corpus='data/synth_fortunes', n_train=3000, n_val=50, n_test=200, label_frac=0.03, n_unlabeled=1000,
-            sft_iters=450, sft_lr=2e-4, sft_eval=50, sft_batch_size=8, token_noise=0.3, iters=110, lr=1e-4, batch_size=12,
+            sft_iters=450, sft_lr=2e-4, sft_eval=50, sft_batch_size=8, token_noise=0.3, iters=110, lr=1e-4, batch_size=16,
             warmup=5, val_max_utts=50, speed_utts=16)
 SMALL = dict(corpus='data/synth_fortunes_small', n_train=30, n_val=4, n_test=10, label_frac=0.10, n_unlabeled=27,
              sft_iters=12, sft_lr=2e-4, sft_eval=6, sft_batch_size=4, token_noise=0.3, iters=3, lr=1e-4, batch_size=4,

@@ -132,6 +132,7 @@ class TextDecoder(nn.Module):
 
     def forward(self, tokens, xa, kv_cache=None, project=True):
         """tokens: (B, L) -> logits (B, L, n_vocab), or the final hidden states (B, L, n_state) when project is False.
+        project may also be a (n_vocab, n_state) copy of the token embedding to use, e.g. in bf16 for faster decoding.
         With a kv_cache, tokens are the new positions only."""
         offset = 0
         if kv_cache and self.blocks[0].attn in kv_cache:
@@ -141,7 +142,15 @@ class TextDecoder(nn.Module):
         for block in self.blocks:
             x = block(x, xa, causal=True, kv_cache=kv_cache)
         x = self.ln(x)
-        return (x @ self.token_embedding.weight.to(x.dtype).T).float() if project else x  # tied output embedding
+        if project is False:
+            return x
+        w = self.token_embedding.weight if project is True else project  # tied output embedding
+        return (x.to(w.dtype) @ w.T).float()
+
+    def cross_kv(self, xa):
+        """Every block's cross-attention keys and values over the audio xa: a kv_cache to start decoding from."""
+        return {b.cross_attn: (b.cross_attn.split(b.cross_attn.key(xa)), b.cross_attn.split(b.cross_attn.value(xa)))
+                for b in self.blocks}
 
 class Whisper(nn.Module):
 
@@ -202,19 +211,21 @@ class Whisper(nn.Module):
 
     @torch.no_grad()
     def generate(self, xa, prompt, eot, max_new_tokens=None, suppress=(), suppress_blank=(), temperature=0.0,
-                 top_p=1.0, max_lens=None, generator=None, stop_ngram=0, topk=0):
+                 top_p=1.0, max_lens=None, generator=None, stop_ngram=0, topk=0, kv_cache=None, project=True):
         """Batched greedy decoding (temperature 0) or sampling, KV-cached.
         xa: encoder output (B, S, D); prompt: list[int] shared by the batch; max_lens: optional per-utterance bound;
         stop_ngram > 0: stop a sequence where an n-gram of that size occurs the second time (a loop), keeping it.
         Returns (tokens, logprobs, ended): lists over the batch, without prompt and EOT; ended[b] says EOT was reached.
-        topk > 0: also the top-k ids of every step's masked logits, (len(tokens[b]) + ended[b], topk) per utterance."""
+        topk > 0: also the top-k ids of every step's masked logits, (len(tokens[b]) + ended[b], topk) per utterance.
+        kv_cache: optionally the cross-attention keys/values already computed (TextDecoder.cross_kv); project: the
+        output embedding to use (TextDecoder.forward)."""
         B, device = xa.shape[0], xa.device
         limit = self.dims.n_text_ctx - len(prompt)
         max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
         bounds = [max_new_tokens] * B if max_lens is None else [min(int(m), max_new_tokens) for m in max_lens]
         seen = [set() for _ in range(B)]  # stop_ngram: the n-grams each sequence has produced
-        kv_cache = {}
-        logits = self.decoder(torch.tensor([prompt] * B, device=device), xa, kv_cache)[:, -1]
+        kv_cache = dict(kv_cache or {})
+        logits = self.decoder(torch.tensor([prompt] * B, device=device), xa, kv_cache, project)[:, -1]
         tokens = torch.zeros(B, 0, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, 0, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -248,7 +259,7 @@ class Whisper(nn.Module):
             done |= torch.as_tensor(bounds, device=device) <= step + 1
             if done.all():
                 break
-            logits = self.decoder(next_token[:, None], xa, kv_cache)[:, -1]
+            logits = self.decoder(next_token[:, None], xa, kv_cache, project)[:, -1]
         out_tokens, out_logprobs = [], []
         for b in range(B):
             t = tokens[b].tolist()

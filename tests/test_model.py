@@ -89,6 +89,21 @@ def test_max_lens_bounds_each_rollout():
     tokens, _, ended = model.generate(xa, [1, 2], eot=0, max_new_tokens=20, max_lens=[1, 3, 20])
     assert len(tokens[0]) <= 1 and len(tokens[1]) <= 3
 
+def test_precomputed_cross_kv_decodes_the_same():
+    model = tiny_model()
+    with torch.no_grad():
+        xa = model.encoder(torch.randn(3, 80, 120))
+        kv = model.decoder.cross_kv(xa)
+    plain = model.generate(xa, [1, 2], eot=0, max_new_tokens=10)
+    given = model.generate(xa, [1, 2], eot=0, max_new_tokens=10, kv_cache=kv)
+    assert given[0] == plain[0] and torch.allclose(torch.tensor(given[1]), torch.tensor(plain[1]))
+    assert len(kv) == len(model.decoder.blocks)  # the caller's dict is not filled with the self-attention entries
+    tokens = torch.tensor([[1, 2] + given[0][0]] * 3)
+    w16 = model.decoder.token_embedding.weight.detach().to(torch.bfloat16)  # a bf16 output embedding, as rollouts use
+    full, fast = model.decoder(tokens, xa), model.decoder(tokens, xa, project=w16)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, full)
+    torch.testing.assert_close(fast, full, atol=0.02 * full.abs().max().item(), rtol=0)
+
 def test_sampling_is_seeded_and_top_p_small_equals_greedy():
     model = tiny_model()
     xa = model.encoder(torch.randn(2, 80, 120))
