@@ -8,7 +8,7 @@ global that already exists, with the same type (an int is accepted where a float
 import sys
 from ast import literal_eval
 
-def _fail(msg):
+def _config_fail(msg):  # not _fail: exec puts it among the calling script's globals (distill.py has its own)
     print(f"configurator: {msg}", file=sys.stderr)
     sys.exit(2)
 
@@ -16,26 +16,26 @@ for arg in sys.argv[1:]:
     if '=' not in arg:
         # assume it's the name of a config file
         if arg.startswith('--'):
-            _fail(f"expected --key=value, got {arg}")
+            _config_fail(f"expected --key=value, got {arg}")
         try:
             config_source = open(arg).read()
         except OSError as e:
-            _fail(f"cannot read config file {arg}: {e.strerror}")
+            _config_fail(f"cannot read config file {arg}: {e.strerror}")
         print(f"Overriding config with {arg}:")
         print(config_source)
         _before = dict(globals())
         exec(config_source)
         unknown = [k for k in globals() if k not in _before and not k.startswith('_')]
         if unknown:
-            _fail(f"{arg}: unknown config key(s) {', '.join(unknown)}")
+            _config_fail(f"{arg}: unknown config key(s) {', '.join(unknown)}")
     else:
         # assume it's a --key=value argument
         if not arg.startswith('--'):
-            _fail(f"expected --key=value, got {arg}")
+            _config_fail(f"expected --key=value, got {arg}")
         key, val = arg.split('=', 1)
         key = key[2:]
         if key not in globals():
-            _fail(f"unknown config key: {key}")
+            _config_fail(f"unknown config key: {key}")
         try:
             attempt = literal_eval(val)  # e.g. bool, number, list
         except (SyntaxError, ValueError):
@@ -44,6 +44,6 @@ for arg in sys.argv[1:]:
         if isinstance(current, float) and isinstance(attempt, int) and not isinstance(attempt, bool):
             attempt = float(attempt)
         if current is not None and type(attempt) != type(current):
-            _fail(f"--{key}: expected {type(current).__name__}, got {type(attempt).__name__} ({val!r})")
+            _config_fail(f"--{key}: expected {type(current).__name__}, got {type(attempt).__name__} ({val!r})")
         print(f"Overriding: {key} = {attempt!r}")
         globals()[key] = attempt

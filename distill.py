@@ -716,7 +716,10 @@ def distill(overrides=None):
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    summary = distill({k: globals()[k] for k in config_keys})
+    try:
+        summary = distill({k: globals()[k] for k in config_keys})
+    except (OSError, ValueError) as e:  # bad input (audio, manifest, checkpoint): one line that names the file
+        _fail(str(e))
     if int(os.environ.get('RANK', 0)) == 0:
         print(json.dumps(summary))
     if dist.is_initialized():

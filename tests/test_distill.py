@@ -311,6 +311,22 @@ def _ddp_worker(rank, port, overrides):
     distill.distill(overrides)
     torch.distributed.destroy_process_group()
 
+def test_cli_bad_audio_is_one_line(setup):
+    import subprocess
+    import sys
+    from data import read_manifest, write_manifest
+    base, d = setup
+    rows = read_manifest(base['train_manifest'])
+    rows[1]['audio'] = str(d / 'missing.wav')
+    write_manifest(str(d / 'bad.jsonl'), rows)
+    args = [f'--{k}={v}' for k, v in dict(base, train_manifest=str(d / 'bad.jsonl'), out_dir=str(d / 'bad'), max_iters=2,
+                                         val_manifest='').items()]
+    p = subprocess.run([sys.executable, 'distill.py'] + args, cwd=os.path.dirname(os.path.abspath(distill.__file__)),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == f"distill.py: error: {d / 'missing.wav'}: file not found"
+    assert not os.path.exists(d / 'bad' / 'ckpt.pt')
+
 def test_ddp_two_processes_equal_one(setup):
     base, d = setup
     base = dict(base, student_bf16=False)  # float32: bf16 rounding of a matmul depends on how the batch is split
