@@ -104,7 +104,7 @@ max_minutes = 0.0
 eval_batch_size = 32
 # system
 device = ''
-dtype = 'bfloat16'  # autocast on CUDA, fp32 master weights and optimizer state; CPU runs float32
+dtype = 'bfloat16'  # autocast on CUDA, fp32 master weights and optimizer state; on CPU see the two flags below
 teacher_bf16 = True  # CPU too: score with the frozen teacher under bf16 autocast (~2.6x faster here; logits ~1e-2 off)
 student_bf16 = True  # CPU too: the student's training forward/backward under bf16 autocast (fp32 weights and optimizer)
 # and its rollouts' largest matmuls in bf16 (~1.7x and ~1.5x faster here); evaluation stays float32
@@ -144,8 +144,7 @@ def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=
         out = model.generate(xa[idx], list(prompt), tok.eot, max_new_tokens=max_new_tokens, suppress=tok.suppress,
                              suppress_blank=tok.suppress_blank, temperature=temperature, top_p=top_p,
                              max_lens=None if max_lens is None else [max_lens[b] for b in idx], generator=generator,
-                             stop_ngram=ngram_stop, topk=topk, kv_cache=kv,
-                             project=project)
+                             stop_ngram=ngram_stop, topk=topk, kv_cache=kv, project=project)
         for j, b in enumerate(idx):
             tokens[b], ended[b] = out[0][j], out[2][j]
             if topk:
