@@ -126,10 +126,10 @@ def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=
             topk=0, bf16=False):
     """model transcribes the audio itself: KV-cached greedy or sampling, no grad, dropout off, control tokens masked
     except EOT. Returns (tokens without prompt/EOT, ended: EOT reached) per utterance, and with topk > 0 the model's
-    top-k ids at every scored position (topk_union's student side); one generate call per prompt. bf16 (CPU): the
-    rollout's largest matmuls in bf16, ~1.5x faster here: the cross-attention keys/values over the audio (once, under
-    autocast) and the output projection (with a bf16 copy of the embedding, made once: under autocast every step would
-    cast it again); the rest stays float32."""
+    top-k ids at every scored position (topk_union's student side); one generate call per prompt. bf16 (CPU only;
+    ignored on other devices): the rollout's largest matmuls in bf16, ~1.5x faster here: the cross-attention
+    keys/values over the audio (once, under autocast) and the output projection (with a bf16 copy of the embedding, made
+    once: under autocast every step would cast it again); the rest stays float32."""
     was_training = model.training
     model.eval()
     B = len(prompts)
@@ -137,7 +137,7 @@ def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=
     for prompt in dict.fromkeys(map(tuple, prompts)):
         idx = [b for b in range(B) if tuple(prompts[b]) == prompt]
         kv, project = None, True
-        if bf16:
+        if bf16 and xa.device.type == 'cpu':
             with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
                 kv = {m: (k.float(), v.float()) for m, (k, v) in model.decoder.cross_kv(xa[idx]).items()}
             project = model.decoder.token_embedding.weight.detach().to(torch.bfloat16)
@@ -338,7 +338,7 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
     with ctx:
         if teacher_rollout:
             seqs, ended = rollout(teacher, xa_t, prompts, tok, cfg.max_new_tokens, max_lens, ngram_stop=cfg.ngram_stop,
-                                  bf16=cfg.teacher_bf16 and dev == 'cpu')
+                                  bf16=cfg.teacher_bf16)
         else:
             if xa_s is None:
                 with torch.no_grad():
@@ -347,7 +347,7 @@ def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ct
                     student.train()
             seqs, ended, *top_s = rollout(student, xa_roll if xa_s is None else xa_s, prompts, tok, cfg.max_new_tokens,
                                           max_lens, cfg.temperature, cfg.top_p, generator, cfg.ngram_stop,
-                                          topk=k if union_only else 0, bf16=cfg.student_bf16 and dev == 'cpu')
+                                          topk=k if union_only else 0, bf16=cfg.student_bf16)
     tokens, targets = pack(prompts, seqs, ended, tok.eot, mel.device)
     valid = targets != -100
     t1 = _now(dev)
@@ -435,9 +435,9 @@ def teacher_labels(teacher, tok, rows, encode, cfg, prompts_of, path):
     out = []
     for batch in batches:
         prompts = [prompts_of(rows[i]) for i in batch['index']]
-        xa = encode(batch)
-        seqs, ended = rollout(teacher, xa, prompts, tok, cfg.max_new_tokens, length_bounds(batch['duration'].tolist(),
-                              cfg.tokens_per_second, cfg.length_slack), bf16=cfg.teacher_bf16 and xa.device.type == 'cpu')
+        seqs, ended = rollout(teacher, encode(batch), prompts, tok, cfg.max_new_tokens,
+                              length_bounds(batch['duration'].tolist(), cfg.tokens_per_second, cfg.length_slack),
+                              bf16=cfg.teacher_bf16)
         out += [dict(rows[i], text=tok.decode(s).strip()) for i, s, e in zip(batch['index'], seqs, ended) if e and s]
     data.write_manifest(path, out)
     print(f"teacher transcripts: kept {len(out)} of {len(rows)} utterances -> {path}")

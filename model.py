@@ -57,13 +57,15 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hs)
 
+    def kv(self, src):
+        return self.split(self.key(src)), self.split(self.value(src))
+
     def forward(self, x, xa=None, causal=False, kv_cache=None):
         q = self.split(self.query(x))
         if xa is not None and kv_cache is not None and self in kv_cache:
             k, v = kv_cache[self]  # cross-attention: the audio's keys/values were computed once
         else:
-            src = x if xa is None else xa
-            k, v = self.split(self.key(src)), self.split(self.value(src))
+            k, v = self.kv(x if xa is None else xa)
             if kv_cache is not None:
                 if xa is None and self in kv_cache:  # self-attention: append the new positions
                     k = torch.cat([kv_cache[self][0], k], dim=2)
@@ -149,8 +151,7 @@ class TextDecoder(nn.Module):
 
     def cross_kv(self, xa):
         """Every block's cross-attention keys and values over the audio xa: a kv_cache to start decoding from."""
-        return {b.cross_attn: (b.cross_attn.split(b.cross_attn.key(xa)), b.cross_attn.split(b.cross_attn.value(xa)))
-                for b in self.blocks}
+        return {b.cross_attn: b.cross_attn.kv(xa) for b in self.blocks}
 
 class Whisper(nn.Module):
 
