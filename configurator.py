@@ -1,14 +1,14 @@
 """
 Poor man's configurator, after nanoGPT. Run as:
 $ python train.py config/override_file.py --batch_size=32
-It is exec'd by the calling script, so it overrides that script's globals: each config file is plain Python
-assigning globals; each --key=value is parsed with literal_eval (a string if that fails) and must name a
-global that already exists, with the same type (an int is accepted where a float is expected).
+The calling script exec's it, so it overrides that script's globals: a config file is plain Python
+assigning globals; each --key=value is parsed with literal_eval (else it is a string) and must
+name an existing global of the same type (an int is accepted where a float is expected).
 """
 import sys
 from ast import literal_eval
 
-def _config_fail(msg):  # not _fail: exec puts it among the calling script's globals (distill.py has its own)
+def _config_fail(msg):  # not _fail: exec puts it among the calling script's globals
     print(f"configurator: {msg}", file=sys.stderr)
     sys.exit(2)
 
@@ -41,9 +41,10 @@ for arg in sys.argv[1:]:
         except (SyntaxError, ValueError):
             attempt = val  # a plain string
         current = globals()[key]
-        if isinstance(current, float) and isinstance(attempt, int) and not isinstance(attempt, bool):
+        if isinstance(current, float) and type(attempt) is int:  # 3 for 3.0, but not True
             attempt = float(attempt)
         if current is not None and type(attempt) != type(current):
-            _config_fail(f"--{key}: expected {type(current).__name__}, got {type(attempt).__name__} ({val!r})")
+            _config_fail(f"--{key}: expected {type(current).__name__}, "
+                         f"got {type(attempt).__name__} ({val!r})")
         print(f"Overriding: {key} = {attempt!r}")
         globals()[key] = attempt

@@ -1,39 +1,28 @@
 """
-On-policy distillation (OPD) of a Whisper-architecture student from a frozen teacher, on audio WITHOUT transcripts:
+On-policy distillation (OPD) of a small Whisper student from a frozen teacher, on unlabeled audio:
 
     python distill.py config/distill_demo_opd.py
-    python distill.py config/distill_toy.py --loss=rkl --max_iters=200
-    torchrun --standalone --nproc_per_node=8 distill.py config/distill_demo_opd.py
+    python distill.py config/distill_toy.py --loss=rkl --temperature=1.0
+    torchrun --standalone --nproc_per_node=2 distill.py config/distill_demo_opd.py
 
-One step (opd_step): 1. the student decodes its own transcripts (rollout, no grad, dropout off, control tokens suppressed,
-each utterance stopped at a length bound from its duration); 2. the frozen teacher scores [its prompt + those tokens + EOT]
-teacher-forced in one batched pass on the same audio; 3. the student re-scores the same tokens with gradients (for
-topk_union only on U_t: its top-k ids, kept from the rollout, and the teacher's); 4. a per-token divergence (opd_loss,
-topk_union_kl), averaged over all scored positions of the global batch; 5. optionally (loop_unlikelihood), where a
-rollout was cut at a repeated n-gram, that n-gram's tokens get -log(1 - p_S) instead (Welleck et al. 2019).
-mode='td' (fine-tune on the teacher's greedy transcripts) and mode='sft' (on human labels) are the baselines, in the
-same loop.
-Losses (opd_loss, per scored position t): topk_union (paper): forward KL(p_T || p_S) renormalised on U_t = student top-k
-ids | teacher top-k ids; fkl / rkl: full-vocabulary forward / reverse KL (rkl = GKD with beta 1); jsd: GKD's generalised
-JSD; pg: REINFORCE with the per-token reward -(log p_S(x) - log p_T(x)) (tinker; its logged "loss" is the surrogate,
-read kl_st instead). out_dir/log.jsonl gets, every log_interval steps: loss, full-vocab KL(S||T) and KL(T||S) per
-position (on the interval's last step), VUSS (valid tokens in U_t, k..2k) and overlap |S top-k & T top-k| / k, mean
-rollout length, fractions of rollouts ending in EOT and cut at a loop, ms per step and per stage; and val WER every
-eval_interval steps.
-From Python (demo.py): `summary = distill({'teacher_path': ..., 'max_iters': 100})`, or the pieces: rollout, pack,
-masked_log_softmax, opd_loss, diagnostics, opd_step.
+One step, as the paper states it (opd_step, then the update in the loop):
+1. rollout: the student transcribes the audio itself (greedy, KV-cached, no grad, control tokens
+   masked), keeping its top-k ids at every step;
+2. teacher scores: the frozen teacher, teacher-forced on [prompt + the student's tokens + EOT];
+3. student re-scores: the same tokens, with gradients;
+4. union top-k forward KL: at each position U_t = student top-k | teacher top-k, both renormalised
+   on U_t, KL(p_T || p_S), averaged over every scored position of the (global) batch;
+5. update: AdamW on the student's decoder (fp32 master weights).
+The other objectives (fkl, rkl, jsd, pg) are small pure functions below (opd_loss).
 """
 import dataclasses
 import gc
-import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -43,93 +32,82 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
-from model import ModelDimensions, Whisper
+import whisper_io
+from model import Whisper
 
 # -----------------------------------------------------------------------------
 # default config values
 # I/O
 out_dir = 'out/distill'
-eval_interval = 100  # student WER on val_manifest every eval_interval steps (0 = only at the end)
+eval_interval = 100  # val WER every eval_interval steps (0 = only at the end)
 log_interval = 10
-eval_only = False
-always_save_checkpoint = False  # False: save when val WER improves, and at the end of a run that saved nothing
-init_from = 'teacher'  # 'teacher' (make_student(teacher)), 'resume' (out_dir/ckpt.pt), or a student checkpoint path
-# teacher and student
-teacher_path = 'weights/base'  # Whisper weights (.pt / HF dir / CT2 dir) or our checkpoint; frozen, never trained
-student_layers = 2  # init_from='teacher': decoder layers of the student (teacher's first and last, distil-whisper style)
-freeze_encoder = True
-freeze_embeddings = False  # True: the decoder's token (= tied output) and position embeddings stay the teacher's
-dropout = 0.0  # the student's dropout in training steps (rollouts and evaluation always run without)
-encoder_cache = True  # keep frozen encoders' outputs per audio file (only with a fixed n_frames, e.g. Whisper's 3000)
-encoder_cache_dir = ''  # also persist them there in float16, for later runs ('' = in memory only)
-# data
-train_manifest = 'data/synth_grammar/train.jsonl'  # texts, if any, are ignored by OPD (unless ce_weight > 0)
+always_save_checkpoint = False  # False: save when val WER improves (or at the end if never)
+init_from = 'teacher'  # 'teacher' (its first/last decoder layers), 'resume', or a student ckpt path
+# teacher and student (the student's encoder is frozen: OPD trains its decoder)
+teacher_path = 'weights/base'  # Whisper weights (.pt / HF dir / CT2 dir) or our checkpoint; frozen
+student_layers = 2  # init_from='teacher': decoder layers kept (distil-whisper: first and last)
+encoder_cache_dir = ''  # keep frozen encoders' outputs here (Whisper's fixed 30-s window only)
+# data: OPD reads only the audio of train_manifest
+train_manifest = 'data/synth_grammar/train.jsonl'
 val_manifest = 'data/synth_grammar/val.jsonl'
 val_max_utts = 100
-language = ''  # decoder prompt language (Whisper tokenizers); '' = each row's "lang"
-n_frames = 0  # 0 = longest in batch, or 3000 automatically for Whisper weights
-batch_size = 16  # utterances per step per process
-# method
-mode = 'opd'  # 'opd', 'td' (SFT on the teacher's greedy transcripts), 'sft' (on human labels)
-loss = 'topk_union'  # 'topk_union' (paper), 'fkl', 'rkl' (GKD beta=1), 'jsd' (GKD, beta), 'pg' (tinker)
-topk = 32  # k of topk_union: U_t = student top-k ids | teacher top-k ids
-tau = 1.0  # temperature of the divergences; the loss is multiplied by tau^2
+batch_size = 16
+eval_batch_size = 32
+# the objective
+loss = 'topk_union'  # 'topk_union' (paper), 'fkl', 'rkl' (GKD beta=1), 'jsd' (GKD), 'pg' (tinker)
+topk = 32  # k of U_t = student top-k ids | teacher top-k ids
+tau = 1.0  # temperature of the divergence; the loss is multiplied by tau^2
 beta = 0.5  # jsd: 0 = forward KL, 1 = reverse KL
-# GKD's / TRL's lambda convention: lmbda = the probability that a batch's sequences are generated by the STUDENT (on
-# policy); otherwise the teacher generates them (greedy: the off-policy, sequence-level KD case). 1.0 = pure OPD.
-lmbda = 1.0
-ce_weight = 0.0  # > 0: add ce_weight * cross-entropy on the rows that have a transcript
-token_noise = 0.0  # sft / td / ce: the fraction of transcript tokens read by the decoder swapped at random (see ce_step)
-# rollout
+# rollouts
 max_new_tokens = 64
 temperature = 0.0  # 0 = greedy (paper)
-top_p = 1.0
-n_samples = 1  # rollouts per utterance (needs temperature > 0)
-tokens_per_second = 6.0  # per-utterance bound: length_slack + tokens_per_second * duration (see length_bounds)
+tokens_per_second = 6.0  # a rollout stops after length_slack + tokens_per_second * duration tokens
 length_slack = 8
-ngram_stop = 0  # > 0: cut a rollout where an n-gram of this size repeats (a loop); no EOT target then
-loop_unlikelihood = 0.0  # > 0 (needs ngram_stop): the repeated n-gram of a cut rollout gets this x -log(1 - p_S), not the KL
-# AdamW and the schedule (the launcher's defaults; the paper states none)
+# anti-loop measures (off unless a recipe turns them on)
+ngram_stop = 0  # > 0: cut a rollout where an n-gram of this size repeats (no EOT target then)
+loop_unlikelihood = 0.0  # > 0: that n-gram's tokens get w * -log(1 - p_S) instead of the KL
+# AdamW and the schedule (the paper's launcher defaults)
 learning_rate = 1e-4
 max_iters = 500
-weight_decay = 0.005  # on 2-D parameters only
+weight_decay = 0.005
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 decay_lr = True
 warmup_iters = 50
 lr_decay_iters = 0  # 0 = max_iters
-min_lr = 1e-5  # the launcher's floor of 0.1x
-max_minutes = 0.0
-eval_batch_size = 32
+min_lr = 1e-5
 # system
-device = ''
-dtype = 'bfloat16'  # autocast on CUDA, fp32 master weights and optimizer state; on CPU see the two flags below
-teacher_bf16 = True  # CPU too: score with the frozen teacher under bf16 autocast (~2.6x faster here; logits ~1e-2 off)
-student_bf16 = True  # CPU too: the student's training forward/backward under bf16 autocast (fp32 weights and optimizer)
-# and its rollouts' largest matmuls in bf16 (~1.7x and ~1.5x faster here); evaluation stays float32
+device = ''  # '' = cuda if available, else cpu
+dtype = 'bfloat16'  # autocast on CUDA; fp32 master weights and optimizer state
+teacher_bf16 = True  # on CPU too: the teacher scores under bf16 autocast
+student_bf16 = True  # on CPU too: the student's rollout and update under bf16 (fp32 weights)
 compile = False
 seed = 1337
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in list(globals().items()) if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+LOSSES = ('topk_union', 'fkl', 'rkl', 'jsd', 'pg')
 
 # -----------------------------------------------------------------------------
 # the pieces of one step
 
-def length_bounds(durations, per_second=tokens_per_second, slack=length_slack):
-    """Most tokens a rollout may have. Read English runs at ~3 words/s, ~4 Whisper tokens/s; 6/s plus a slack of 8 leaves
-    room for fast speakers and short clips, and a looping rollout stops after a few extra tokens instead of at
-    max_new_tokens (half of a naive OPD step was spent there). Raise per_second for character-level vocabularies."""
-    return [math.ceil(slack + per_second * d) for d in durations]
+def amp(device_type, cpu_bf16):
+    """bf16 autocast: on CUDA unless dtype is float32, on CPU where a *_bf16 flag asks for it."""
+    if device_type == 'cuda' and dtype != 'float32':
+        return torch.autocast('cuda', getattr(torch, dtype))
+    on_cpu = device_type == 'cpu' and cpu_bf16
+    return torch.autocast('cpu', torch.bfloat16) if on_cpu else nullcontext()
 
-def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=0.0, top_p=1.0, generator=None, ngram_stop=0,
-            topk=0, bf16=False):
-    """model transcribes the audio itself: KV-cached greedy or sampling, no grad, dropout off, control tokens masked
-    except EOT. Returns (tokens without prompt/EOT, ended: EOT reached) per utterance, and with topk > 0 the model's
-    top-k ids at every scored position (topk_union's student side); one generate call per prompt. bf16 (CPU only;
-    ignored on other devices): the rollout's largest matmuls in bf16, ~1.5x faster here: the cross-attention
-    keys/values over the audio (once, under autocast) and the output projection (with a bf16 copy of the embedding, made
-    once: under autocast every step would cast it again); the rest stays float32."""
+def length_bounds(durations):
+    """Most tokens a rollout may have: a looping rollout stops after a few extra tokens."""
+    return [math.ceil(length_slack + tokens_per_second * d) for d in durations]
+
+@torch.no_grad()
+def rollout(model, xa, prompts, tok, max_lens, topk=0, generator=None, bf16=False):
+    """The model transcribes the audio itself (model.generate, dropout off); one call per prompt.
+    Returns tokens (no prompt, no EOT), ended (EOT reached) and, with topk, the top-k ids per step.
+    bf16 (CPU): the two largest matmuls (cross-attention K/V, output projection) in bf16."""
     was_training = model.training
     model.eval()
     B = len(prompts)
@@ -138,438 +116,284 @@ def rollout(model, xa, prompts, tok, max_new_tokens, max_lens=None, temperature=
         idx = [b for b in range(B) if tuple(prompts[b]) == prompt]
         kv, project = None, True
         if bf16 and xa.device.type == 'cpu':
-            with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
-                kv = {m: (k.float(), v.float()) for m, (k, v) in model.decoder.cross_kv(xa[idx]).items()}
+            with torch.autocast('cpu', torch.bfloat16):
+                kv = model.decoder.cross_kv(xa[idx])
+                kv = {m: (k.float(), v.float()) for m, (k, v) in kv.items()}
             project = model.decoder.token_embedding.weight.detach().to(torch.bfloat16)
-        out = model.generate(xa[idx], list(prompt), tok.eot, max_new_tokens=max_new_tokens, suppress=tok.suppress,
-                             suppress_blank=tok.suppress_blank, temperature=temperature, top_p=top_p,
-                             max_lens=None if max_lens is None else [max_lens[b] for b in idx], generator=generator,
-                             stop_ngram=ngram_stop, topk=topk, kv_cache=kv, project=project)
+        out = model.generate(xa[idx], list(prompt), tok.eot, max_new_tokens=max_new_tokens,
+                             suppress=tok.suppress, suppress_blank=tok.suppress_blank,
+                             temperature=temperature, max_lens=[max_lens[b] for b in idx],
+                             generator=generator, stop_ngram=ngram_stop, topk=topk, kv_cache=kv,
+                             project=project)
         for j, b in enumerate(idx):
-            tokens[b], ended[b] = out[0][j], out[2][j]
-            if topk:
-                top_ids[b] = out[3][j]
+            tokens[b], ended[b] = out.tokens[j], out.ended[j]
+            top_ids[b] = out.top_ids[j] if topk else None
     model.train(was_training)
-    return (tokens, ended, top_ids) if topk else (tokens, ended)
+    return tokens, ended, top_ids
 
-def pack(prompts, seqs, ended, eot, device='cpu'):
-    """Teacher-forcing batch in data.Batches' format: tokens (B, L) = prompt + seq, targets (B, L) = seq + [EOT if the
-    rollout ended] at the positions that predict them (the last prompt position predicts the first token), -100 elsewhere.
-    A rollout cut by the length bound gets no EOT target: we do not know that the transcript ends there."""
+def pack(prompts, seqs, ended, eot):
+    """Teacher-forcing batch: tokens (B, L) = prompt + seq, targets (B, L) = seq + [EOT if ended]
+    at the positions that predict them, -100 elsewhere. A rollout cut short gets no EOT target."""
     rows = [list(p) + list(s) + [eot] * bool(e) for p, s, e in zip(prompts, seqs, ended)]
-    L = max(len(r) for r in rows) - 1
-    tokens = torch.full((len(rows), max(L, 1)), eot, dtype=torch.long)
-    targets = torch.full((len(rows), max(L, 1)), -100, dtype=torch.long)
+    L = max(max(len(r) for r in rows) - 1, 1)
+    tokens = torch.full((len(rows), L), eot, dtype=torch.long)
+    targets = torch.full((len(rows), L), -100, dtype=torch.long)
     for b, (p, r) in enumerate(zip(prompts, rows)):
         tokens[b, :len(r) - 1] = torch.tensor(r[:-1])
         targets[b, len(p) - 1:len(r) - 1] = torch.tensor(r[len(p):], dtype=torch.long)
-    return tokens.to(device), targets.to(device)
+    return tokens, targets
 
 def loop_tails(prompts, seqs, ended, n, shape):
-    """(B, L) True at the target positions of the last n tokens of each rollout that was cut because that n-gram had
-    already occurred (generate's stop_ngram), in pack's layout."""
+    """(B, L) True at the target positions of the last n tokens of each rollout that was cut
+    because that n-gram had already occurred (generate's stop_ngram), in pack's layout."""
     mask = torch.zeros(shape, dtype=torch.bool)
     for b, (p, s, e) in enumerate(zip(prompts, seqs, ended)):
-        if n and not e and len(s) > n and tuple(s[-n:]) in {tuple(s[i:i + n]) for i in range(len(s) - n)}:
+        earlier = {tuple(s[i:i + n]) for i in range(len(s) - n)}
+        if n and not e and len(s) > n and tuple(s[-n:]) in earlier:
             mask[b, len(p) - 1 + len(s) - n:len(p) - 1 + len(s)] = True
     return mask
 
-def unlikelihood(lp_x):
-    """Welleck et al. 2019's token unlikelihood -log(1 - p) from the log-probability of an unwanted token."""
-    return -torch.log1p(-lp_x.exp().clamp(max=1 - 1e-6))
-
 def masked_log_softmax(logits, suppress=()):
-    """Log-probabilities over the vocabulary with the control tokens (suppress) at -inf, as during decoding; applied
-    identically to teacher and student so both distributions live on the same support. The mask is the tokenizer's
-    decoding list (Whisper's: faster-whisper's suppress_tokens=[-1]), not every special id as the paper's code masks:
-    an id masked in the loss gets no gradient, so its logit drifts, and a distilled student that can still emit it at
-    test time did: language tokens in mid-transcript (seen here: deletions 150 -> 277 on the demo's test set)."""
+    """Log-probabilities with the decoding's control tokens at -inf, on both sides alike."""
     logits = logits.float()
     if len(suppress):
-        logits = logits.index_fill(-1, torch.as_tensor(list(suppress), device=logits.device), -math.inf)
+        idx = torch.as_tensor(list(suppress), device=logits.device)
+        logits = logits.index_fill(-1, idx, -math.inf)
     return F.log_softmax(logits, dim=-1)
 
 def union_support(ids_s, lp_t, k):
-    """U_t = the student's top-k ids (N, k) then the teacher's (N, 2k), and which entries count: not a duplicate of a
-    student id, and not a masked control token (the same ids are masked on both sides)."""
+    """U_t = the student's top-k ids (N, k) then the teacher's (N, 2k), and which entries count:
+    not a duplicate of a student id, not a masked token. dup: teacher ids the student has too."""
     ids_t = lp_t.topk(k, dim=-1).indices
-    dup = (ids_t[:, :, None] == ids_s[:, None, :]).any(-1)  # teacher ids the student already has
+    dup = (ids_t[:, :, None] == ids_s[:, None, :]).any(-1)
     union = torch.cat([ids_s, ids_t], dim=1)
     valid = torch.cat([torch.ones_like(dup), ~dup], dim=1) & lp_t.gather(1, union).isfinite()
     return union, valid, dup
 
-def topk_union_kl(s_u, t_u, valid, tau=1.0):
-    """The paper's OPD loss per position from the student's and the teacher's scores on U_t (N, 2k): forward KL(p_T || p_S)
-    with both renormalised on the valid entries, /tau, times tau^2; positions with fewer than 2 valid entries give 0 and
-    do not count. Scores may be log-probabilities or raw logits: renormalising cancels the full-vocabulary normaliser."""
+def kl(lp_p, lp_q):
+    """KL(p || q) per row from log-probabilities; entries where p = 0 contribute 0 (and no nan)."""
+    fin = lp_p.isfinite()
+    d = lp_p.exp() * (lp_p.masked_fill(~fin, 0.0) - lp_q.masked_fill(~fin, 0.0))
+    return torch.where(fin, d, 0.0).sum(-1)
+
+def topk_union_kl(s_u, t_u, valid):
+    """The paper's loss per position from the two models' scores on U_t (N, 2k): forward KL with
+    both renormalised on the valid entries; positions with < 2 valid entries give 0, do not count.
+    Scores may be log-probabilities or logits: renormalising cancels the normaliser."""
     ok = valid.sum(1) >= 2
     s = F.log_softmax((s_u / tau).masked_fill(~valid, -math.inf), dim=-1)
     t = F.log_softmax((t_u / tau).masked_fill(~valid, -math.inf), dim=-1)
-    return tau ** 2 * torch.where(ok, _kl(t, s), 0.0), ok
+    return tau ** 2 * torch.where(ok, kl(t, s), 0.0), ok
 
-def _kl(lp_p, lp_q):
-    """KL(p || q) per row from log-probabilities; entries where p is 0 (-inf, masked tokens) contribute 0. The -inf entries
-    are replaced before subtracting: -inf - -inf = nan would reach the gradient of exp even through torch.where."""
-    fin = lp_p.isfinite()
-    return torch.where(fin, lp_p.exp() * (lp_p.masked_fill(~fin, 0.0) - lp_q.masked_fill(~fin, 0.0)), 0.0).sum(-1)
-
-def opd_loss(lp_s, lp_t, x, loss='topk_union', k=32, tau=1.0, beta=0.5):
-    """Per-position losses (N,) and which positions count (N,), from the student's (with grad) and the teacher's (no
-    grad) log-probabilities over the full masked vocabulary (N, V); x (N,) are the tokens scored at those positions."""
+def opd_loss(lp_s, lp_t, x, loss='topk_union', k=32):
+    """Per-position losses (N,) and which positions count, from the student's (with grad) and the
+    teacher's full masked log-probabilities (N, V); x (N,) are the rollout's tokens."""
     ok = torch.ones(len(x), dtype=torch.bool, device=lp_s.device)
-    if loss == 'pg':  # tinker: reward -(log p_S(x) - log p_T(x)) per token (detached), REINFORCE on log p_S(x)
+    if loss == 'topk_union':  # log-probabilities on both sides (the released code mixes in logits)
+        ids_s = lp_s.detach().topk(min(k, lp_s.shape[-1]), -1).indices
+        union, valid, _ = union_support(ids_s, lp_t, k)
+        return topk_union_kl(lp_s.gather(1, union), lp_t.gather(1, union), valid)
+    if loss == 'pg':  # tinker: REINFORCE on log p_S(x) with the reward -(log p_S(x) - log p_T(x))
         lps_x = lp_s.gather(1, x[:, None]).squeeze(1)
         advantage = lp_t.gather(1, x[:, None]).squeeze(1) - lps_x.detach()
         return -advantage * lps_x, ok
-    if loss == 'topk_union':
-        # The released code feeds RAW teacher logits for the teacher's top-k ids but log-probabilities for the student-only
-        # ids, mixing two scales. Here both sides are proper log-probabilities (log-softmax over the full masked vocab,
-        # then gather), divided by tau and renormalised on U_t.
-        k = min(k, lp_s.shape[-1])
-        union, valid, _ = union_support(lp_s.detach().topk(k, dim=-1).indices, lp_t, k)
-        return topk_union_kl(lp_s.gather(1, union), lp_t.gather(1, union), valid, tau)
     s, t = F.log_softmax(lp_s / tau, dim=-1), F.log_softmax(lp_t / tau, dim=-1)
     if loss == 'fkl' or (loss == 'jsd' and beta == 0):
-        div = _kl(t, s)
+        div = kl(t, s)
     elif loss == 'rkl' or (loss == 'jsd' and beta == 1):
-        div = _kl(s, t)
-    elif loss == 'jsd':  # GKD / TRL: M = beta p_T + (1 - beta) p_S, beta KL(T || M) + (1 - beta) KL(S || M)
-        fin = t.isfinite()  # masked tokens: -inf on both sides, and the logsumexp of two -inf has a nan gradient
-        m = torch.logsumexp(torch.stack([s.masked_fill(~fin, 0) + math.log(1 - beta), t.masked_fill(~fin, 0) + math.log(beta)]), 0)
-        div = beta * _kl(t, m) + (1 - beta) * _kl(s, m)
-    else:
-        raise ValueError(f"unknown loss {loss!r}")
+        div = kl(s, t)
+    else:  # jsd (GKD): M = beta p_T + (1 - beta) p_S; beta KL(T || M) + (1 - beta) KL(S || M)
+        fin = t.isfinite()  # masked ids: -inf on both sides (logsumexp of two -inf: nan gradient)
+        m = torch.logsumexp(torch.stack([s.masked_fill(~fin, 0) + math.log(1 - beta),
+                                         t.masked_fill(~fin, 0) + math.log(beta)]), 0)
+        div = beta * kl(t, m) + (1 - beta) * kl(s, m)
     return tau ** 2 * div, ok
 
-@torch.no_grad()
-def diagnostics(valid, dup, lp_t, lp_s=None):
-    """Sums over positions, from union_support's valid and dup: VUSS (valid tokens in U_t, k..2k) and overlap
-    |S top-k & T top-k| / k; with the student's full log-probabilities lp_s, also the full-vocabulary KL(S||T), KL(T||S)."""
-    out = {'vuss': valid.sum().item(), 'overlap': dup.float().mean(1).sum().item(), 'positions': len(lp_t)}
-    if lp_s is not None:
-        a, b = lp_s.detach().clamp(min=-1e4), lp_t.clamp(min=-1e4)  # masked ids: p = 0 and a - b = 0, fewer passes than _kl
-        diff = a - b
-        out.update(kl_st=(a.exp() * diff).sum().item(), kl_ts=-(b.exp() * diff).sum().item(), kl_positions=len(lp_t))
-    return out
-
 class Rescore(nn.Module):
-    """The student's forward with gradients (the part DDP wraps and torch.compile compiles): from the audio's encoder
-    output xa when the encoder is frozen, else from the mel."""
+    """The student's decoder with gradients (what DDP wraps and torch.compile compiles). Given ids
+    (N, m) for the N positions where select (B, L) is True: the logits of those ids only (N, m)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, xa=None, mel=None, select=None, ids=None):
-        """Logits (B, L, V); or, given ids (N, m) for the N positions where select (B, L) is True, the logits of those ids
-        only (N, m): topk_union needs no more, and m dot products per position replace the V-way output projection."""
-        x = self.model.decoder(tokens, self.model.encoder(mel) if xa is None else xa, project=ids is None)
+    def forward(self, tokens, xa, select=None, ids=None):
+        x = self.model.decoder(tokens, xa, project=ids is None)
         if ids is None:
             return x
         w = self.model.decoder.token_embedding.weight  # tied output embedding
         return torch.einsum('nd,nmd->nm', x[select], w[ids].to(x.dtype)).float()
 
-class EncoderCache:
-    """Outputs of a frozen encoder per audio file, rounded to float16, in memory and optionally on disk. Only valid when
-    every mel has the same length (n_frames fixed, e.g. Whisper's 30-s window): otherwise the padding changes them."""
-
-    def __init__(self, encoder, enabled=True, directory='', ctx=nullcontext()):
-        self.encoder, self.enabled, self.directory, self.ctx, self.mem = encoder, enabled, directory, ctx, {}
-        w = encoder.conv1.weight  # tells encoders apart in a shared cache directory
-        self.tag = f"{w.sum().item():.6e}{w.shape}{encoder.ln_post.weight.sum().item():.6e}"
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-
-    def _file(self, path, T):  # the file's size and mtime are in the key: a regenerated corpus is not read stale
-        st = os.stat(path)
-        key = f"{self.tag}|{T}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
-        return os.path.join(self.directory, hashlib.sha1(key.encode()).hexdigest() + '.pt')
-
-    @torch.no_grad()
-    def __call__(self, mel, paths):
-        if not self.enabled:
-            with self.ctx:
-                return self.encoder(mel)
-        T = mel.shape[-1]
-        missing = [b for b, p in enumerate(paths) if (p, T) not in self.mem]
-        for b in list(missing):
-            file = self._file(paths[b], T) if self.directory else None
-            if file and os.path.exists(file):
-                self.mem[paths[b], T] = torch.load(file)
-                missing.remove(b)
-        if missing:
-            with self.ctx:
-                out = self.encoder(mel[missing]).to(torch.float16).cpu()
-            for b, xa in zip(missing, out):
-                self.mem[paths[b], T] = xa.clone()
-                if self.directory:
-                    file = self._file(paths[b], T)
-                    torch.save(xa.clone(), file + '.tmp')
-                    os.replace(file + '.tmp', file)
-        return torch.stack([self.mem[p, T] for p in paths]).to(mel.device).float()
-
-def cpu_bf16(on, device_type, ctx):
-    """bf16 autocast on CPU where `on` (teacher_bf16, student_bf16), else ctx (on CUDA: the run's own autocast)."""
-    return torch.autocast('cpu', torch.bfloat16) if on and device_type == 'cpu' else ctx
-
-def _now(device_type):
+def now(device_type):
     if device_type == 'cuda':
         torch.cuda.synchronize()
     return time.perf_counter()
 
-def opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ctx=nullcontext(), generator=None,
-             teacher_rollout=False, full_diag=True):
-    """One OPD batch on this rank. xa_t: teacher encoder output; xa_s: the student's when its encoder is frozen (None:
-    the student encodes batch['mel'] itself, with grad). full_diag: also measure the full-vocabulary KLs (topk_union
-    does not need the student's full distribution otherwise). Returns (summed per-position loss with grad, positions that
-    count, stats)."""
-    mel = batch['mel'].to(xa_t.device)
-    durations = batch['duration'].tolist()
-    if cfg.n_samples > 1:  # several rollouts per utterance: repeat each utterance along the batch
-        n = cfg.n_samples
-        xa_t, mel = xa_t.repeat_interleave(n, 0), mel.repeat_interleave(n, 0)
-        xa_s = None if xa_s is None else xa_s.repeat_interleave(n, 0)
-        prompts, durations = [p for p in prompts for _ in range(n)], [d for d in durations for _ in range(n)]
-    dev, k = xa_t.device.type, min(cfg.topk, student.dims.n_vocab)
-    union_only = cfg.loss == 'topk_union' and not teacher_rollout  # the student's top-k comes from its rollout
-    t0 = _now(dev)
-    # 1. rollout: the student's own transcripts (or, with probability 1 - lmbda, the teacher's greedy ones)
-    max_lens = length_bounds(durations, cfg.tokens_per_second, cfg.length_slack)
-    with ctx:
-        if teacher_rollout:
-            seqs, ended = rollout(teacher, xa_t, prompts, tok, cfg.max_new_tokens, max_lens, ngram_stop=cfg.ngram_stop,
-                                  bf16=cfg.teacher_bf16)
-        else:
-            if xa_s is None:
-                with torch.no_grad():
-                    student.eval()  # no dropout in the rollout's encoder pass either
-                    xa_roll = student.encoder(mel)
-                    student.train()
-            seqs, ended, *top_s = rollout(student, xa_roll if xa_s is None else xa_s, prompts, tok, cfg.max_new_tokens,
-                                          max_lens, cfg.temperature, cfg.top_p, generator, cfg.ngram_stop,
-                                          topk=k if union_only else 0, bf16=cfg.student_bf16)
-    tokens, targets = pack(prompts, seqs, ended, tok.eot, mel.device)
-    valid = targets != -100
-    t1 = _now(dev)
-    # 2. teacher scoring: one teacher-forced pass over [prompt + rollout + EOT], full masked log-probabilities
-    with torch.no_grad(), cpu_bf16(cfg.teacher_bf16, dev, ctx):
-        lp_t = masked_log_softmax(teacher.decoder(tokens, xa_t)[valid], tok.suppress)
-    t2 = _now(dev)
-    # 3. student re-scoring, with grad, on the same tokens (EOT position included, padding excluded), and
-    # 4. the per-position divergence; the caller divides by the number of positions of the global batch
-    audio = {'xa': xa_s} if xa_s is not None else {'mel': mel}
-    if union_only:  # the student's logits on U_t only: its top-k ids were recorded at every rollout step
-        union, valid_u, dup = union_support(torch.cat(top_s[0]).to(lp_t.device), lp_t, k)
-        with cpu_bf16(cfg.student_bf16, dev, ctx):
-            s_u = rescore(tokens, select=valid, ids=union, **audio)
-        per_pos, ok = topk_union_kl(s_u, lp_t.gather(1, union), valid_u, cfg.tau)
-        lp_s = None
-        if full_diag:
-            with torch.no_grad(), ctx:
-                lp_s = masked_log_softmax(student.decoder(tokens, xa_s if xa_s is not None else student.encoder(mel))[valid],
-                                          tok.suppress)
+def opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts, durations, generator=None,
+             full_diag=False):
+    """Steps 1-4 of one OPD batch on this rank. xa_t / xa_s: the teacher's / student's encoder
+    outputs. Returns (summed per-position loss with grad, positions that count, stats)."""
+    dev, k = xa_t.device.type, min(topk, student.dims.n_vocab)
+    union_only = loss == 'topk_union'
+    t0 = now(dev)
+    # 1. rollout: the student's own transcripts, and its top-k ids at every step
+    seqs, ended, top_s = rollout(student, xa_s, prompts, tok, length_bounds(durations),
+                                 k if union_only else 0, generator, student_bf16)
+    tokens, targets = (t.to(xa_t.device) for t in pack(prompts, seqs, ended, tok.eot))
+    mask = targets != -100  # the scored positions: every rollout token, and EOT where it ended
+    x = targets[mask]
+    t1 = now(dev)
+    # 2. teacher scores: one teacher-forced pass, full masked log-probabilities (N, V)
+    with torch.no_grad(), amp(dev, teacher_bf16):
+        lp_t = masked_log_softmax(teacher.decoder(tokens, xa_t)[mask], tok.suppress)
+    t2 = now(dev)
+    # 3. student re-scores the same tokens with gradients, and 4. the per-position divergence
+    if union_only:
+        # Equal to opd_loss(lp_s, ...) on the full log-probabilities (tests/test_distill.py): the
+        # renormalisation on U_t cancels log Z, so only the logits of the 2k ids of U_t are needed.
+        union, valid, dup = union_support(torch.cat(top_s).to(lp_t.device), lp_t, k)
+        with amp(dev, student_bf16):
+            s_u = rescore(tokens, xa_s, select=mask, ids=union)
+        per_pos, ok = topk_union_kl(s_u, lp_t.gather(1, union), valid)
     else:
-        with cpu_bf16(cfg.student_bf16, dev, ctx):
-            logits = rescore(tokens, **audio)
-        lp_s = masked_log_softmax(logits[valid], tok.suppress)
-        per_pos, ok = opd_loss(lp_s, lp_t, targets[valid], cfg.loss, k, cfg.tau, cfg.beta)
-        _, valid_u, dup = union_support(lp_s.detach().topk(k, dim=-1).indices, lp_t, k)  # for VUSS, whatever the loss
-    loops = loop_tails(prompts, seqs, ended, cfg.ngram_stop, targets.shape)
-    loop = loops[valid.cpu()].to(per_pos.device)
-    if cfg.loop_unlikelihood > 0 and loop.any():
-        # 5. where the rollout repeated itself the teacher is no guide: forced onto a loop it tends to continue it, and
-        # the KL then teaches the loop. Those tokens get the unlikelihood loss instead (sequence-level UL on own rollouts)
-        x = targets[valid]
-        if union_only:  # the rollout's token is among the student's own top-k, so in U_t; p_S renormalised on U_t
-            lp_u = F.log_softmax(s_u.float().masked_fill(~valid_u, -math.inf), dim=-1)
-            hit = (union == x[:, None]) & valid_u
-            lp_x, loop = lp_u.gather(1, hit.float().argmax(1, keepdim=True)).squeeze(1), loop & hit.any(1)
+        with amp(dev, student_bf16):
+            lp_s = masked_log_softmax(rescore(tokens, xa_s)[mask], tok.suppress)
+        per_pos, ok = opd_loss(lp_s, lp_t, x, loss, k)
+        _, valid, dup = union_support(lp_s.detach().topk(k, dim=-1).indices, lp_t, k)  # for VUSS
+    # anti-loop (off unless loop_unlikelihood > 0): where the rollout repeated an n-gram, the
+    # teacher forced onto the loop tends to continue it: those tokens get -log(1 - p_S) instead
+    loops = loop_tails(prompts, seqs, ended, ngram_stop, targets.shape)
+    loop = loops[mask.cpu()].to(per_pos.device)
+    if loop_unlikelihood > 0 and loop.any():
+        if union_only:  # p_S renormalised on U_t, where the rollout's own token is
+            lp_u = F.log_softmax(s_u.float().masked_fill(~valid, -math.inf), dim=-1)
+            hit = (union == x[:, None]) & valid
+            lp_x = lp_u.gather(1, hit.float().argmax(1, keepdim=True)).squeeze(1)
+            loop = loop & hit.any(1)
         else:
             lp_x = lp_s.gather(1, x[:, None]).squeeze(1)
-        per_pos, ok = torch.where(loop, cfg.loop_unlikelihood * unlikelihood(lp_x), per_pos), ok | loop
-    stats = diagnostics(valid_u, dup, lp_t, lp_s if full_diag else None)
-    stats.update(rollout_len=sum(map(len, seqs)), ended=sum(ended), rollouts=len(seqs), t_rollout=t1 - t0, t_teacher=t2 - t1,
-                 looped=loops.any(1).sum().item())
+        ul = -torch.log1p(-lp_x.exp().clamp(max=1 - 1e-6))
+        per_pos, ok = torch.where(loop, loop_unlikelihood * ul, per_pos), ok | loop
+    # diagnostics: VUSS (valid tokens in U_t) and overlap |S top-k & T top-k| / k, and on log
+    # steps the full-vocabulary KLs (one more student forward for topk_union)
+    stats = dict(vuss=valid.sum().item(), overlap=dup.float().mean(1).sum().item(),
+                 positions=len(x), rollout_len=sum(map(len, seqs)), ended=sum(ended),
+                 rollouts=len(seqs),
+                 looped=loops.any(1).sum().item(), t_rollout=t1 - t0, t_teacher=t2 - t1)
+    if full_diag:
+        with torch.no_grad():
+            if union_only:
+                lp_s = masked_log_softmax(student.decoder(tokens, xa_s)[mask], tok.suppress)
+            a, b = lp_s.detach().clamp(min=-1e4), lp_t.clamp(min=-1e4)  # masked ids: 0 * 0
+            stats.update(kl_st=(a.exp() * (a - b)).sum().item(),
+                         kl_ts=(b.exp() * (b - a)).sum().item(), kl_positions=len(x))
     return per_pos.sum(), ok.sum(), stats
 
-def ce_step(rescore, batch, xa_s, device, token_noise=0.0, generator=None):
-    """Summed cross-entropy on the batch's own targets (labels or teacher transcripts) and the number of target tokens.
-    token_noise > 0: that fraction of the transcript tokens the decoder reads (never the prompt, never the targets) is
-    swapped for other transcript tokens of the batch, so the decoder learns to go on from a wrong prefix by listening
-    instead of copying what it has written (teacher forcing never shows it its own mistakes: the loops of greedy decoding)."""
-    tokens, targets = batch['tokens'].to(device), batch['targets'].to(device)
-    valid = targets != -100
-    if token_noise > 0:
-        text_in = valid & F.pad(valid[:, :-1], (1, 0))  # input j is a transcript token iff targets j-1 and j are
-        pool = tokens[text_in]
-        swap = text_in & (torch.rand(tokens.shape, generator=generator, device=device) < token_noise)
-        tokens = tokens.masked_scatter(swap, pool[torch.randint(len(pool), (int(swap.sum()),), generator=generator,
-                                                                 device=device)])
-    logits = rescore(tokens, xa=xa_s) if xa_s is not None else rescore(tokens, mel=batch['mel'].to(device))
-    return F.cross_entropy(logits[valid].float(), targets[valid], reduction='sum'), valid.sum()
-
-# -----------------------------------------------------------------------------
-# the training loop
-
-def _fail(msg):
+def fail(msg):
     print(f"distill.py: error: {msg}", file=sys.stderr)
     sys.exit(1)
 
-def load_model(path):
-    """Our checkpoint or Whisper weights -> (model, tokenizer, frozen parameter names saved with it)."""
-    if os.path.isfile(path):  # read the file once: a student checkpoint also carries its optimizer state
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-        if evaluate.is_our_checkpoint(ckpt):
-            model, tok = evaluate.model_from_checkpoint(ckpt)
-            return model.eval(), tok, ckpt.get('frozen', [])
-    model, tok = evaluate.load_checkpoint(path)  # Whisper weights: .pt, HF or CT2
-    return model, tok, []
+# -----------------------------------------------------------------------------
 
-def teacher_labels(teacher, tok, rows, encode, cfg, prompts_of, path):
-    """mode='td': the teacher's greedy transcripts of rows, made once and kept in path (a manifest). Transcripts that do
-    not reach EOT within the length bound (loops) are dropped, like distil-whisper drops bad pseudo-labels."""
-    if os.path.exists(path):
-        return data.read_manifest(path)
-    batches = data.Batches(rows, None, batch_size=cfg.eval_batch_size, n_mels=teacher.dims.n_mels,
-                           n_frames=cfg.n_frames or None, shuffle=False)
-    out = []
-    for batch in batches:
-        prompts = [prompts_of(rows[i]) for i in batch['index']]
-        seqs, ended = rollout(teacher, encode(batch), prompts, tok, cfg.max_new_tokens,
-                              length_bounds(batch['duration'].tolist(), cfg.tokens_per_second, cfg.length_slack),
-                              bf16=cfg.teacher_bf16)
-        out += [dict(rows[i], text=tok.decode(s).strip()) for i, s, e in zip(batch['index'], seqs, ended) if e and s]
-    data.write_manifest(path, out)
-    print(f"teacher transcripts: kept {len(out)} of {len(rows)} utterances -> {path}")
-    return data.read_manifest(path)
-
-def distill(overrides=None):
-    """Run distillation with the module's defaults updated by overrides (a dict); returns a summary dict."""
-    cfg = SimpleNamespace(**{k: globals()[k] for k in config_keys})
-    for k, v in (overrides or {}).items():
-        if k not in config_keys:
-            raise ValueError(f"unknown config key {k!r}")
-        setattr(cfg, k, v)
-    assert cfg.mode in ('opd', 'td', 'sft') and cfg.loss in ('topk_union', 'fkl', 'rkl', 'jsd', 'pg'), cfg
-    assert cfg.n_samples == 1 or cfg.temperature > 0, "n_samples > 1 needs temperature > 0 (greedy rollouts are identical)"
+def main():
+    if loss not in LOSSES:
+        fail(f"loss={loss!r}: expected one of {', '.join(LOSSES)}")
+    config = {k: globals()[k] for k in config_keys}
     ddp = int(os.environ.get('RANK', -1)) != -1
-    assert not (ddp and cfg.mode == 'opd' and cfg.ce_weight > 0), "ce_weight with DDP: two forwards per backward"
-    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     rank, world_size = 0, 1
     if ddp:
-        rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-        if device.startswith('cuda'):
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    master, device_type = rank == 0, 'cuda' if device.startswith('cuda') else 'cpu'
-    torch.manual_seed(cfg.seed)
-    ctx = nullcontext() if device_type == 'cpu' or cfg.dtype == 'float32' else torch.autocast('cuda', getattr(torch, cfg.dtype))
-    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
-    os.makedirs(cfg.out_dir, exist_ok=True)
+        rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        if dev.startswith('cuda'):
+            dev = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
+    master, device_type = rank == 0, 'cuda' if dev.startswith('cuda') else 'cpu'
+    torch.manual_seed(seed)
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    os.makedirs(out_dir, exist_ok=True)
 
-    # teacher (frozen, replicated on every rank, never wrapped in DDP) and student
-    teacher, tok, _ = load_model(cfg.teacher_path)
-    teacher.requires_grad_(False).eval().to(device)
+    # teacher (frozen, on every rank, never wrapped in DDP) and student (encoder frozen)
+    teacher, tok, _ = evaluate.load_checkpoint(teacher_path, dev)
+    teacher.requires_grad_(False)
     checkpoint = None
-    if cfg.init_from == 'resume':
-        if not os.path.exists(ckpt_path):
-            _fail(f"init_from='resume' but {ckpt_path} does not exist")
-        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-        student = Whisper(ModelDimensions(**checkpoint['model_args']))
-        student.load_state_dict(checkpoint['model'])
-        frozen = checkpoint.get('frozen', [])
-    elif cfg.init_from == 'teacher':
-        from teacher import make_student
-        student = make_student(teacher, n_decoder_layers=cfg.student_layers,
-                               freeze_encoder=cfg.freeze_encoder)
-        frozen = [n for n, p in student.named_parameters() if not p.requires_grad]
+    if init_from == 'teacher':
+        student = whisper_io.make_student(teacher, n_decoder_layers=student_layers)
+        frozen = []
     else:
-        student, student_tok, frozen = load_model(cfg.init_from)
+        path = ckpt_path if init_from == 'resume' else init_from
+        if not os.path.exists(path):
+            fail(f"init_from={init_from!r}: {path} does not exist")
+        student, student_tok, checkpoint = evaluate.load_checkpoint(path)
         if student_tok.to_dict() != tok.to_dict():
-            _fail(f"{cfg.init_from} and {cfg.teacher_path} have different tokenizers")
-    if student.dims.dropout != cfg.dropout:  # rebuild with this run's dropout (a module attribute, fixed at construction)
-        weights, student = student.state_dict(), Whisper(dataclasses.replace(student.dims, dropout=cfg.dropout))
+            fail(f"{path} and {teacher_path} have different tokenizers")
+        if init_from == 'resume' and checkpoint['config']['teacher_path'] != teacher_path:
+            fail(f"{path} was distilled from {checkpoint['config']['teacher_path']}, "
+                 f"not {teacher_path}")
+        frozen = (checkpoint or {}).get('frozen', [])
+        checkpoint = checkpoint if init_from == 'resume' else None
+    if student.dims.dropout:  # rollouts and updates alike without dropout
+        weights = student.state_dict()
+        student = Whisper(dataclasses.replace(student.dims, dropout=0.0))
         student.load_state_dict(weights)
-    if cfg.freeze_encoder:
-        frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters() if n.startswith('encoder.')})
-    frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters() if n.startswith('ctc_head.')})  # unused here
-    if cfg.freeze_embeddings:
-        frozen = sorted(set(frozen) | {'decoder.token_embedding.weight', 'decoder.positional_embedding'})
+    frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters()
+                                   if n.startswith(('encoder.', 'ctc_head.'))})
     for n, p in student.named_parameters():
         p.requires_grad_(n not in frozen)
-    student.to(device).train()
-    dims = student.dims
-    if dims.n_vocab != teacher.dims.n_vocab:
-        _fail(f"student vocab {dims.n_vocab} != teacher vocab {teacher.dims.n_vocab}")
-    if not cfg.n_frames and dims.n_audio_ctx == 1500 and tok.to_dict()['kind'] == 'whisper':
-        cfg.n_frames = data.N_FRAMES  # Whisper weights only know 30-s windows
-    enc_frozen = not any(p.requires_grad for p in student.encoder.parameters())
+    student.to(dev).train()
+    if student.dims.n_vocab != teacher.dims.n_vocab:
+        fail(f"student vocab {student.dims.n_vocab} != teacher vocab {teacher.dims.n_vocab}")
+    whisper = student.dims.n_audio_ctx == 1500 and tok.to_dict()['kind'] == 'whisper'
+    n_frames = data.N_FRAMES if whisper else None  # Whisper weights only know 30-s windows
     sd_s, sd_t = student.encoder.state_dict(), teacher.encoder.state_dict()
-    shared = enc_frozen and sd_s.keys() == sd_t.keys() and all(torch.equal(sd_s[k], sd_t[k].to(sd_s[k].device)) for k in sd_s)
-    cache_on = cfg.encoder_cache and cfg.n_frames > 0
-    teacher_enc = EncoderCache(teacher.encoder, cache_on, cfg.encoder_cache_dir, ctx)
-    student_enc = EncoderCache(student.encoder, cache_on, cfg.encoder_cache_dir, ctx) if enc_frozen and not shared else None
-    def encode(batch):  # -> (teacher's xa, student's xa or None when the student's encoder trains)
-        mel = batch['mel'].to(device)
-        xa_t = teacher_enc(mel, batch['audio'])
-        return xa_t, xa_t if shared else (student_enc(mel, batch['audio']) if student_enc else None)
-    prompts_of = lambda row: tok.sot_sequence(cfg.language or row.get('lang'))
+    shared = sd_s.keys() == sd_t.keys() and all(torch.equal(sd_s[k], sd_t[k]) for k in sd_s)
+    def encoder_of(model):  # frozen: each clip's outputs cached when every mel has the same length
+        if n_frames:
+            return evaluate.EncoderCache(model.encoder, encoder_cache_dir, amp(device_type, True))
+        return lambda mel, paths: model.encoder(mel)
+    encode_t = encoder_of(teacher)
+    encode_s = encode_t if shared else encoder_of(student)
 
-    # data: OPD reads only the audio; td reads the teacher's transcripts; sft the labels
+    # data: the audio only
     def fits(row):
-        n_tok = len(prompts_of(row)) + (len(tok.encode_text(row['text'])) + 1 if row.get('text') else cfg.max_new_tokens)
-        return row['duration'] * 100 <= dims.n_audio_ctx * dims.conv_stride and n_tok <= dims.n_text_ctx
-    train_rows = [r for r in data.read_manifest(cfg.train_manifest) if fits(r)]
-    val_rows = [r for r in data.read_manifest(cfg.val_manifest) if fits(dict(r, text=None))][:cfg.val_max_utts] \
-        if cfg.val_manifest else []
-    if cfg.mode == 'td':
-        path = os.path.join(cfg.out_dir, 'teacher_labels.jsonl')
-        if master:
-            teacher_labels(teacher, tok, [dict(r) for r in train_rows], lambda b: encode(b)[0], cfg, prompts_of, path)
-        if ddp:
-            dist.barrier()
-        train_rows = [r for r in data.read_manifest(path) if fits(r)]
-    elif cfg.mode == 'sft':
-        train_rows = [r for r in train_rows if r.get('text')]
-    if not cfg.ce_weight and cfg.mode == 'opd':
-        train_rows = [dict(r, text=None) for r in train_rows]  # OPD uses no transcripts
+        n_tok = len(tok.sot_sequence(row.get('lang'))) + max_new_tokens
+        return row['duration'] * 100 <= student.dims.n_audio_ctx * student.dims.conv_stride and \
+            n_tok <= student.dims.n_text_ctx
+    train_rows = [dict(r, text=None) for r in data.read_manifest(train_manifest) if fits(r)]
     if not train_rows:
-        _fail(f"no usable training utterances in {cfg.train_manifest}")
-    batches = data.Batches(train_rows, tok, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
-                           n_mels=dims.n_mels, n_frames=cfg.n_frames or None, language=cfg.language or None)
-    val_batches = data.Batches(val_rows, tok, batch_size=cfg.eval_batch_size, n_mels=dims.n_mels,
-                               n_frames=cfg.n_frames or None, language=cfg.language or None, shuffle=False)
+        fail(f"no usable training utterances in {train_manifest}")
+    val_rows = data.read_manifest(val_manifest)[:val_max_utts] if val_manifest else []
+    batches = data.Batches(train_rows, tok, batch_size=batch_size, seed=seed, rank=rank,
+                           world_size=world_size, n_mels=student.dims.n_mels, n_frames=n_frames)
 
-    # optimizer (fp32 master weights: parameters and AdamW state stay float32, autocast only runs the matmuls in bf16)
+    # optimizer: fp32 master weights, weight decay on matrices only
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg.weight_decay},
-                                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-                                  lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2))
     iter_num, best_val_wer, loader = 0, float('inf'), {'epoch': 0, 'step': 0}
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # sampled rollouts
+    generator = torch.Generator(device=dev).manual_seed(seed + rank)  # sampled rollouts
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
-        iter_num, best_val_wer, loader = checkpoint['iter_num'], checkpoint['best_val_wer'], checkpoint['loader']
-        generator.set_state(checkpoint['rng']['generator'][rank % len(checkpoint['rng']['generator'])])
+        iter_num, best_val_wer = checkpoint['iter_num'], checkpoint['best_val_wer']
+        loader, gens = checkpoint['loader'], checkpoint['rng']['generator']
+        generator.set_state(gens[rank % len(gens)])
         torch.set_rng_state(checkpoint['rng']['torch'])
         checkpoint = None
     rescore = Rescore(student)
-    if cfg.compile:
-        torch._inductor.config.triton.coalesce_tiling_analysis = False  # asserts on dynamic shapes (torch 2.11, H100)
+    if compile:
         rescore = torch.compile(rescore, dynamic=True)
     if ddp:
-        rescore = DDP(rescore, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+        local = [int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None
+        rescore = DDP(rescore, device_ids=local)
 
     def get_lr(it):
-        if not cfg.decay_lr:
-            return cfg.learning_rate
-        if it < cfg.warmup_iters:
-            return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-        decay_iters = cfg.lr_decay_iters or cfg.max_iters
-        ratio = min(1.0, (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters))
-        return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+        if not decay_lr:
+            return learning_rate
+        if it < warmup_iters:
+            return learning_rate * (it + 1) / (warmup_iters + 1)
+        ratio = min(1.0, (it - warmup_iters) / max(1, (lr_decay_iters or max_iters) - warmup_iters))
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
     def get_batch():  # follows the loader position, so a resumed run reads the same batches
         plan = batches.plan(loader['epoch'])
@@ -579,66 +403,52 @@ def distill(overrides=None):
         loader['step'] += 1
         return batches.collate(plan[loader['step'] - 1])
 
-    @torch.no_grad()
-    def val_wer():  # greedy, like evaluate.transcribe, but reusing the cached encoder outputs; a loop stops at the
-        if not val_rows:  # rollouts' length bound (a loop still costs its insertions, not 200 tokens of decoding)
-            return None
-        hyps, t0 = [], time.time()
-        for batch in val_batches:
-            xa_t, xa_s = encode(batch)
-            with ctx:
-                xa = xa_s if xa_s is not None else student.eval().encoder(batch['mel'].to(device))
-                seqs, _ = rollout(student, xa, [prompts_of(val_rows[i]) for i in batch['index']], tok, dims.n_text_ctx // 2,
-                                  length_bounds(batch['duration'].tolist(), cfg.tokens_per_second, cfg.length_slack))
-            hyps += [tok.decode(s).strip() for s in seqs]
-        student.train()
-        return evaluate.report(val_rows, hyps, time.time() - t0, cfg.language or None)['wer']
-
     def save_checkpoint():
         gens = [None] * world_size
         if ddp:
             dist.all_gather_object(gens, generator.get_state())
         else:
             gens = [generator.get_state()]
-        if not master:
-            return
-        ckpt = {'model': student.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': dataclasses.asdict(dims),
-                'iter_num': iter_num, 'best_val_wer': best_val_wer, 'config': vars(cfg), 'tokenizer': tok.to_dict(),
-                'frozen': frozen, 'loader': dict(loader), 'rng': {'generator': gens, 'torch': torch.get_rng_state()}}
-        torch.save(ckpt, ckpt_path + '.tmp')
-        os.replace(ckpt_path + '.tmp', ckpt_path)
-        print(f"saved checkpoint to {ckpt_path}")
+        if master:
+            ckpt = {'model': student.state_dict(), 'optimizer': optimizer.state_dict(),
+                    'model_args': dataclasses.asdict(student.dims), 'iter_num': iter_num,
+                    'best_val_wer': best_val_wer, 'config': config, 'tokenizer': tok.to_dict(),
+                    'frozen': frozen, 'loader': dict(loader),
+                    'rng': {'generator': gens, 'torch': torch.get_rng_state()}}
+            torch.save(ckpt, ckpt_path + '.tmp')
+            os.replace(ckpt_path + '.tmp', ckpt_path)
+            print(f"saved checkpoint to {ckpt_path}")
 
     def log_json(record):
         if master:
-            with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+            with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
 
     if master:
-        print(f"{cfg.mode}: student {student.get_num_params() / 1e6:.1f}M params ({sum(p.numel() for p in params) / 1e6:.1f}M "
-              f"trained, {dims.n_text_layer} decoder layers), teacher {teacher.get_num_params() / 1e6:.1f}M, "
-              f"{'shared frozen' if shared else 'frozen' if enc_frozen else 'trained'} encoder, "
-              f"{len(train_rows)} utterances, {world_size} process(es)" + (f", loss {cfg.loss}" if cfg.mode == 'opd' else ''))
-    summary = {'iter': iter_num}
-    if cfg.eval_only:
-        summary['val_wer'] = val_wer() if master else None
-        return summary
-
-    keys = ['loss', 'kl_st', 'kl_ts', 'kl_positions', 'vuss', 'overlap', 'positions', 'rollout_len', 'ended', 'looped',
-            'rollouts', 'n', 'ce_n', 't_rollout', 't_teacher', 't_step']
-    sums, t_start, start_iter, last_logged, saved = dict.fromkeys(keys, 0.0), time.time(), iter_num, iter_num, False
+        print(f"opd ({loss}): student {student.get_num_params() / 1e6:.1f}M params "
+              f"({sum(p.numel() for p in params) / 1e6:.1f}M trained), teacher "
+              f"{teacher.get_num_params() / 1e6:.1f}M, {'shared ' * shared}frozen encoder, "
+              f"{len(train_rows)} utterances, {world_size} process(es)")
+    keys = ['loss', 'kl_st', 'kl_ts', 'kl_positions', 'vuss', 'overlap', 'positions', 'rollout_len',
+            'ended', 'looped', 'rollouts', 't_rollout', 't_teacher', 't_step']
+    sums, t_start, saved = dict.fromkeys(keys, 0.0), time.time(), False
+    start_iter = last_logged = iter_num
     while True:
-        last = iter_num >= cfg.max_iters
-        if (last or (cfg.eval_interval and iter_num % cfg.eval_interval == 0)) and iter_num > start_iter:
-            wer = val_wer() if master else None
+        # evaluate and checkpoint
+        last = iter_num >= max_iters
+        if (last or (eval_interval and iter_num % eval_interval == 0)) and iter_num > start_iter:
+            wer = None
+            if master and val_rows:
+                hyps = evaluate.transcribe(student, tok, val_rows, eval_batch_size, encode=encode_s)
+                wer = evaluate.report(val_rows, hyps, 1.0)['wer']
+                print(f"iter {iter_num}: val WER {100 * wer:.2f}% on {len(val_rows)} utts")
+                log_json({'iter': iter_num, 'val_wer': wer,
+                          'minutes': (time.time() - t_start) / 60})
             improved = [wer is not None and wer < best_val_wer]
             if ddp:
-                dist.broadcast_object_list(improved, src=0)  # every rank takes part in save_checkpoint
-            if wer is not None:
-                print(f"iter {iter_num}: val WER {100 * wer:.2f}% on {len(val_rows)} utts")
-                log_json({'iter': iter_num, 'val_wer': wer, 'minutes': (time.time() - t_start) / 60})
-                summary['val_wer'], best_val_wer = wer, min(best_val_wer, wer)
-            if improved[0] or cfg.always_save_checkpoint or (last and not saved):
+                dist.broadcast_object_list(improved, src=0)  # every rank takes part in the save
+            best_val_wer = min(best_val_wer, wer if wer is not None else best_val_wer)
+            if improved[0] or always_save_checkpoint or (last and not saved):
                 save_checkpoint()
                 saved = True
         if last:
@@ -646,80 +456,69 @@ def distill(overrides=None):
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        t0 = _now(device_type)
+        t0 = now(device_type)
         batch = get_batch()
-        xa_t, xa_s = encode(batch)
-        zero = torch.zeros((), device=device)
-        loss_sum, n, ce_sum, ce_n, stats = zero, zero, zero, zero, {}
-        if cfg.mode == 'opd':
-            teacher_rollout = random.Random(cfg.seed * 100003 + iter_num).random() >= cfg.lmbda  # same on every rank
-            prompts = [prompts_of(train_rows[i]) for i in batch['index']]
-            full_diag = (iter_num + 1) % cfg.log_interval == 0  # the full-vocab KLs, once per log line
-            loss_sum, n, stats = opd_step(student, rescore, teacher, tok, batch, prompts, xa_t, xa_s, cfg, ctx, generator,
-                                          teacher_rollout, full_diag)
-        if cfg.mode != 'opd' or (cfg.ce_weight > 0 and (batch['targets'] != -100).any()):
-            with cpu_bf16(cfg.student_bf16, device_type, ctx):
-                ce_sum, ce_n = ce_step(rescore, batch, xa_s, device, cfg.token_noise, generator)
-        # means over the positions of the GLOBAL batch: every rank divides its sum by the global count (times the world
-        # size, as DDP averages gradients), so N processes give the update of one process on the whole batch
-        counts = torch.stack([n, ce_n]).float()
+        mel, paths = batch['mel'].to(dev), batch['audio']
+        with torch.no_grad():
+            xa_t = encode_t(mel, paths)
+            xa_s = xa_t if shared else encode_s(mel, paths)
+        prompts = [tok.sot_sequence(train_rows[i].get('lang')) for i in batch['index']]
+        # the full-vocabulary KLs on the last step before each log line
+        full_diag = (iter_num + 1) % log_interval == 0 or iter_num + 1 == max_iters
+        # steps 1-4: rollout, teacher scores, student re-scores, per-position divergence
+        loss_sum, n, stats = opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts,
+                                      batch['duration'].tolist(), generator, full_diag)
+        # 5. update. The mean is over the positions of the GLOBAL batch: every rank divides by the
+        # global count times the world size (DDP averages gradients): one process's update
+        count = n.float()
         if ddp:
-            dist.all_reduce(counts)
-        loss = (loss_sum / counts[0].clamp(min=1) + (cfg.ce_weight if cfg.mode == 'opd' else 1.0) * ce_sum /
-                counts[1].clamp(min=1)) * world_size
-        loss.backward()
-        time_up = cfg.max_minutes > 0 and time.time() - t_start > 60 * cfg.max_minutes
-        values = torch.tensor([loss.item() / world_size, float(not math.isfinite(loss.item())), float(time_up)], device=device)
+            dist.all_reduce(count)
+        step_loss = loss_sum / count.clamp(min=1) * world_size
+        step_loss.backward()
+        value = torch.tensor([step_loss.item() / world_size], device=dev)
         if ddp:
-            dist.all_reduce(values)
-        if values[1] > 0:
-            _fail(f"iter {iter_num}: non-finite loss ({values[0].item()}); stopping without saving a checkpoint "
-                  f"(lower learning_rate, check the data, or try dtype='float32')")
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            dist.all_reduce(value)
+        if not math.isfinite(value.item()):
+            fail(f"iter {iter_num}: non-finite loss ({value.item()}); stopping without saving a "
+                 f"checkpoint (lower learning_rate, check the data, or try dtype='float32')")
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
-        stats.update(loss=values[0].item(), n=counts[0].item(), ce_n=counts[1].item(), t_step=_now(device_type) - t0)
+        stats.update(loss=value.item(), t_step=now(device_type) - t0)
         for k in keys:
             sums[k] += stats.get(k, 0.0)
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            tot = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+        # log
+        if iter_num % log_interval == 0 or iter_num == max_iters:
+            tot = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=dev)
             if ddp:
                 dist.all_reduce(tot)
             s, steps = dict(zip(keys, tot.tolist())), world_size * (iter_num - last_logged)
             pos, ro = max(s['positions'], 1), max(s['rollouts'], 1)
-            record = {'iter': iter_num, 'loss': s['loss'] / steps, 'lr': lr}
-            if cfg.mode == 'opd':
-                kl_pos = max(s['kl_positions'], 1)  # the KLs come from the last step of the interval
-                record.update(kl_st=s['kl_st'] / kl_pos, kl_ts=s['kl_ts'] / kl_pos, vuss=s['vuss'] / pos,
-                              overlap=s['overlap'] / pos, rollout_len=s['rollout_len'] / ro, eot_frac=s['ended'] / ro,
-                              loop_frac=s['looped'] / ro,
-                              ms_rollout=1000 * s['t_rollout'] / steps, ms_teacher=1000 * s['t_teacher'] / steps)
-            record.update(ms_step=1000 * s['t_step'] / steps, minutes=(time.time() - t_start) / 60)
+            kl_pos = max(s['kl_positions'], 1)
+            record = {'iter': iter_num, 'loss': s['loss'] / steps, 'lr': lr,
+                      'kl_st': s['kl_st'] / kl_pos, 'kl_ts': s['kl_ts'] / kl_pos,
+                      'vuss': s['vuss'] / pos, 'overlap': s['overlap'] / pos,
+                      'rollout_len': s['rollout_len'] / ro, 'eot_frac': s['ended'] / ro,
+                      'loop_frac': s['looped'] / ro, 'ms_rollout': 1000 * s['t_rollout'] / steps,
+                      'ms_teacher': 1000 * s['t_teacher'] / steps,
+                      'ms_step': 1000 * s['t_step'] / steps,
+                      'minutes': (time.time() - t_start) / 60}
             if master:
-                print(f"iter {iter_num}: " + ', '.join(f"{k} {v:.4g}" for k, v in record.items() if k != 'iter'))
+                print(f"iter {iter_num}: " + ', '.join(f"{k} {v:.4g}" for k, v in record.items()
+                                                       if k != 'iter'))
             log_json(record)
-            summary.update(record)
             sums, last_logged = dict.fromkeys(keys, 0.0), iter_num
-        if values[2] > 0:
-            cfg.max_iters = iter_num  # max_minutes: evaluate and save at the top of the loop, then stop
     if ddp:
-        dist.barrier()  # no rank may tear the group down while the master is still writing its checkpoint
-        # DDP's hooks hold the wrapper in reference cycles: free it now, while its process group exists. Left to the
-        # garbage collector it could outlive destroy_process_group, and gloo then aborted the process at exit (SIGABRT)
-        del rescore
+        dist.barrier()  # no rank tears the group down while the master still writes its checkpoint
+        del rescore  # DDP sits in reference cycles: free it while its group exists (gloo aborts)
         gc.collect()
-    summary.update(iter=iter_num, best_val_wer=best_val_wer, ckpt=ckpt_path, minutes=(time.time() - t_start) / 60)
-    return summary
+        dist.destroy_process_group()
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     try:
-        summary = distill({k: globals()[k] for k in config_keys})
-    except (OSError, ValueError) as e:  # bad input (audio, manifest, checkpoint): one line that names the file
-        _fail(str(e))
-    if int(os.environ.get('RANK', 0)) == 0:
-        print(json.dumps(summary))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        main()
+    except (OSError, ValueError) as e:  # bad input (audio, manifest, checkpoint): one line
+        fail(str(e))

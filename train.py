@@ -1,15 +1,15 @@
 """
-Train a Whisper-architecture ASR model: from scratch (with its own SentencePiece tokenizer), from Whisper weights,
-or a smaller student of Whisper weights. Runs on one CPU/GPU or with DDP:
+Supervised training of a Whisper-architecture ASR model, on one CPU/GPU or with DDP:
 
-    python train.py config/train_grammar_small.py
-    python train.py config/train_grammar_small.py --batch_size=16 --max_iters=200
-    torchrun --standalone --nproc_per_node=8 train.py config/train_grammar_teacher.py
+    python train.py config/train_grammar_small.py           # from scratch, its own SentencePiece
+    python train.py --init_from=weights/base --student_layers=2 --train_manifest=labeled.jsonl
+    torchrun --standalone --nproc_per_node=2 train.py config/train_grammar_teacher.py
 
-Loss: cross-entropy of the decoder's next-token predictions (optionally label-smoothed), plus ctc_weight times a CTC
-loss of model.ctc_head over the encoder frames (it gives the encoder an alignment long before cross-attention finds one).
-Checkpoints (out_dir/ckpt.pt, the latest state) hold everything init_from='resume' needs to continue bit-exactly on CPU:
-weights, AdamW state, RNG states and the position in the data (epoch, batch).
+Every supervised run of the project goes through here: a model from scratch, Whisper weights
+fine-tuned, the distillation student's base row (init_from=<teacher> + student_layers), and
+teacher-data training (TD: a manifest of the teacher's transcripts, evaluate.py --out_manifest).
+Loss: next-token cross-entropy, plus ctc_weight times a CTC loss of model.ctc_head on the encoder.
+Checkpoints (out_dir/ckpt.pt) hold what init_from='resume' needs to continue bit-exactly.
 """
 import dataclasses
 import gc
@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
+import whisper_io
 from model import ModelDimensions, Whisper
 
 # -----------------------------------------------------------------------------
@@ -38,25 +39,26 @@ out_dir = 'out'
 eval_interval = 250
 log_interval = 10
 eval_only = False  # evaluate the initial model on val (and test_manifest) and exit
-always_save_checkpoint = False  # False: mid-run saves only when val WER improves (the end of the run always saves)
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), or a path: Whisper weights (.pt / HF dir / CT2 dir) or our ckpt
-student_layers = 0  # > 0: train teacher.make_student(<init_from model>, student_layers decoder layers)
-freeze_encoder = True  # for the student
+always_save_checkpoint = False  # False: save when val WER improves (or at the end if never)
+init_from = 'scratch'  # 'scratch', 'resume', or a path: Whisper weights or our checkpoint
+student_layers = 0  # > 0: train whisper_io.make_student(<init_from model>, student_layers)
+freeze_encoder = True  # for the student: its encoder stays the teacher's
+freeze_embeddings = False  # for the student: token (= tied output) and position embeddings too
+encoder_cache_dir = ''  # a frozen encoder's outputs per clip kept here (Whisper's 30-s window only)
 # data
 train_manifest = 'data/synth_grammar/train.jsonl'
 val_manifest = 'data/synth_grammar/val.jsonl'
 test_manifest = ''  # evaluated at the end of training if set
-tokenizer_path = ''  # from scratch: '' trains a SentencePiece model on the train texts; or a .model file / a ckpt.pt
+tokenizer_path = ''  # from scratch: '' trains a SentencePiece model; or a .model file / a ckpt.pt
 vocab_size = 256
-lowercase = True  # lower-case the texts (and the tokenizer's training texts) before tokenizing
-language = ''  # decoder prompt language (Whisper tokenizers); '' = each row's "lang"
-n_frames = 0  # pad every mel to this many frames (3000 for Whisper weights, chosen automatically); 0 = longest in batch
+lowercase = True  # lower-case the texts before tokenizing
 batch_size = 32  # utterances per micro-batch (per process) ...
 batch_seconds = 0.0  # ... or, if > 0, at most this many seconds of padded audio per micro-batch
 gradient_accumulation_steps = 1  # global: divided by the number of DDP processes
 curriculum_iters = 0  # for the first curriculum_iters iterations ...
 curriculum_seconds = 0.0  # ... train only on utterances at most this long
 spec_augment = False
+token_noise = 0.0  # that fraction of the transcript tokens the decoder reads swapped at random
 # model (from scratch)
 n_mels = 80
 n_audio_ctx = 1500
@@ -69,9 +71,7 @@ n_text_head = 4
 n_text_layer = 4
 conv_stride = 2  # 4: the encoder runs at 25 frames/s instead of 50
 dropout = 0.0
-# loss
 ctc_weight = 0.0  # > 0 adds a CTC head on the encoder (blank = n_vocab)
-label_smoothing = 0.0
 # AdamW and the learning-rate schedule
 learning_rate = 1e-3
 max_iters = 2000
@@ -84,16 +84,17 @@ warmup_iters = 100
 lr_decay_iters = 0  # 0 = max_iters
 min_lr = 1e-4
 max_minutes = 0.0  # > 0: stop (and save) after this much wall time
-# evaluation
 val_max_utts = 200
 eval_batch_size = 64
 # system
 device = ''  # '' = cuda if available, else cpu
-dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' = off); CPU always runs float32
+dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' = off)
+cpu_bf16 = False  # bf16 autocast for training on CPU too (fp32 weights; evaluation stays float32)
 compile = False
 seed = 1337
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
@@ -105,13 +106,15 @@ def fail(msg):
 ddp = int(os.environ.get('RANK', -1)) != -1
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 if ddp:
-    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+    rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+    world_size = int(os.environ['WORLD_SIZE'])
     if device.startswith('cuda'):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
     if gradient_accumulation_steps % world_size:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by {world_size} processes")
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps}: not a multiple of "
+             f"{world_size} processes")
     gradient_accumulation_steps //= world_size
 else:
     rank, local_rank, world_size = 0, 0, 1
@@ -121,7 +124,13 @@ torch.manual_seed(seed)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-ctx = nullcontext() if device_type == 'cpu' or dtype == 'float32' else torch.autocast('cuda', dtype=getattr(torch, dtype))
+if device_type == 'cuda' and dtype != 'float32':
+    ctx = torch.autocast('cuda', dtype=getattr(torch, dtype))
+elif device_type == 'cpu' and cpu_bf16:
+    ctx = torch.autocast('cpu', torch.bfloat16)
+else:
+    ctx = nullcontext()
+eval_ctx = ctx if device_type == 'cuda' else nullcontext()
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -142,81 +151,95 @@ checkpoint, frozen = None, []
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         fail(f"init_from='resume' but {ckpt_path} does not exist")
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-    model = Whisper(ModelDimensions(**checkpoint['model_args']))
-    model.load_state_dict(checkpoint['model'])
-    tokenizer = data.tokenizer_from_dict(checkpoint['tokenizer'])
+    model, tokenizer, checkpoint = evaluate.load_checkpoint(ckpt_path)
     frozen = checkpoint.get('frozen', [])
 elif init_from == 'scratch':
     if tokenizer_path.endswith('.model'):
         tokenizer = data.SentencePieceTokenizer(open(tokenizer_path, 'rb').read())
     elif tokenizer_path:
-        tokenizer = data.tokenizer_from_dict(torch.load(tokenizer_path, map_location='cpu', weights_only=False)['tokenizer'])
+        tokenizer = evaluate.load_checkpoint(tokenizer_path)[1]
     else:  # rank 0 trains it, the others receive it
-        obj = [data.SentencePieceTokenizer.train([r['text'] for r in train_rows if r.get('text')], vocab_size).to_dict()
-               if master else None]
+        texts = [r['text'] for r in train_rows if r.get('text')]
+        obj = [data.SentencePieceTokenizer.train(texts, vocab_size).to_dict() if master else None]
         if ddp:
             dist.broadcast_object_list(obj, src=0)
-        tokenizer = data.tokenizer_from_dict(obj[0])
-    dims = ModelDimensions(n_mels, n_audio_ctx, n_audio_state, n_audio_head, n_audio_layer, tokenizer.n_vocab, n_text_ctx,
-                           n_text_state, n_text_head, n_text_layer, conv_stride=conv_stride, ctc=ctc_weight > 0, dropout=dropout)
-    model = Whisper(dims)
+        tokenizer = whisper_io.tokenizer_from_dict(obj[0])
+    model = Whisper(ModelDimensions(n_mels, n_audio_ctx, n_audio_state, n_audio_head, n_audio_layer,
+                                    tokenizer.n_vocab, n_text_ctx, n_text_state, n_text_head,
+                                    n_text_layer, conv_stride, ctc_weight > 0, dropout))
 else:
-    model, tokenizer = evaluate.load_checkpoint(init_from)
+    model, tokenizer, ckpt = evaluate.load_checkpoint(init_from)
+    frozen = (ckpt or {}).get('frozen', [])  # a student's base row keeps its frozen parts
     if student_layers > 0:
-        try:
-            from teacher import make_student
-        except ImportError as e:
-            fail(f"student_layers={student_layers} needs teacher.make_student ({e})")
-        model = make_student(model, n_decoder_layers=student_layers, freeze_encoder=freeze_encoder)
+        model = whisper_io.make_student(model, student_layers, freeze_encoder=freeze_encoder)
+    if model.dims.dropout != dropout:  # a module attribute, fixed at construction
+        weights = model.state_dict()
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        model = Whisper(dataclasses.replace(model.dims, dropout=dropout))
+        model.load_state_dict(weights)
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads[n])
     if ctc_weight > 0 and model.ctc_head is None:  # a fresh CTC head on the pretrained encoder
         model.dims = dataclasses.replace(model.dims, ctc=True)
         model.ctc_head = nn.Linear(model.dims.n_audio_state, model.dims.n_vocab + 1)
         Whisper._init_weights(model.ctc_head)
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if freeze_embeddings:
+        model.decoder.token_embedding.requires_grad_(False)
+        model.decoder.positional_embedding.requires_grad_(False)
+    frozen = sorted(set(frozen) | {n for n, p in model.named_parameters() if not p.requires_grad})
 for n, p in model.named_parameters():
     p.requires_grad_(n not in frozen)
 dims = model.dims
 if ctc_weight > 0 and model.ctc_head is None:
     fail("ctc_weight > 0 but the checkpoint has no CTC head")
-if not n_frames and dims.n_audio_ctx == 1500 and tokenizer.to_dict()['kind'] == 'whisper':
-    n_frames = data.N_FRAMES  # Whisper weights only know 30-s windows
+whisper = dims.n_audio_ctx == 1500 and tokenizer.to_dict()['kind'] == 'whisper'
+n_frames = data.N_FRAMES if whisper else None  # Whisper weights only know 30-s windows
 model.to(device)
+# a frozen encoder on fixed-length mels: its outputs are computed once per clip (and kept on disk)
+enc_frozen = not any(p.requires_grad for p in model.encoder.parameters())
+encode = None
+if enc_frozen and n_frames:
+    enc_ctx = ctx if device_type == 'cuda' or cpu_bf16 else nullcontext()
+    encode = evaluate.EncoderCache(model.encoder, encoder_cache_dir, enc_ctx)
 
 def fits(row):  # drop what the model cannot take: too many tokens or frames
-    n_tok = len(tokenizer.sot_sequence(language or row.get('lang'))) + len(tokenizer.encode_text(row.get('text') or '')) + 1
+    text = tokenizer.encode_text(row.get('text') or '')
+    n_tok = len(tokenizer.sot_sequence(row.get('lang'))) + len(text) + 1
     return n_tok <= dims.n_text_ctx and row['duration'] * 100 <= dims.n_audio_ctx * dims.conv_stride
+
+def make_batches(rows, shuffle=True, bs=None):
+    by_seconds = batch_seconds > 0 and bs is None
+    size = dict(max_seconds=batch_seconds) if by_seconds else dict(batch_size=bs or batch_size)
+    return data.Batches(rows, tokenizer, seed=seed, rank=rank if shuffle else 0,
+                        world_size=world_size if shuffle else 1, n_mels=dims.n_mels,
+                        n_frames=n_frames, shuffle=shuffle, **size)
 
 n_rows = len(train_rows)
 train_rows = [r for r in train_rows if fits(r)]
 if master and len(train_rows) < n_rows:
-    print(f"skipping {n_rows - len(train_rows)} training utterances longer than the model's context")
+    print(f"skipping {n_rows - len(train_rows)} training utterances too long for the model")
 if not train_rows:
     fail(f"no usable training utterances in {train_manifest}")
-
-def make_batches(rows, shuffle=True, bs=None):
-    size = dict(max_seconds=batch_seconds) if batch_seconds > 0 and bs is None else dict(batch_size=bs or batch_size)
-    return data.Batches(rows, tokenizer, seed=seed, rank=rank if shuffle else 0, world_size=world_size if shuffle else 1,
-                        n_mels=dims.n_mels, n_frames=n_frames or None, language=language or None, shuffle=shuffle, **size)
-
 phases = [make_batches(train_rows)]
 if curriculum_iters > 0:  # phase 0: the short utterances only; phase 1: all of them
     short = [r for r in train_rows if r['duration'] <= curriculum_seconds]
     phases.insert(0, make_batches(short or train_rows))
 val_batches = make_batches(val_rows, shuffle=False, bs=eval_batch_size)
-max_new_tokens = min(dims.n_text_ctx - len(tokenizer.sot_sequence(language or None)), dims.n_text_ctx // 2)
+max_new_tokens = min(dims.n_text_ctx - len(tokenizer.sot_sequence()), dims.n_text_ctx // 2)
 
 # optimizer: weight decay on matrices and embeddings only
 params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), **({'fused': True} if device_type == 'cuda' else {}))
+groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+          {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2),
+                              **({'fused': True} if device_type == 'cuda' else {}))
 iter_num, best_val_wer = 0, float('inf')
 loader = {'phase': 0, 'epoch': 0, 'step': 0}  # the next batch to read
 aug_gen = torch.Generator().manual_seed(seed + rank)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
-    iter_num, best_val_wer, loader = checkpoint['iter_num'], checkpoint['best_val_wer'], checkpoint['loader']
+    iter_num, best_val_wer = checkpoint['iter_num'], checkpoint['best_val_wer']
+    loader = checkpoint['loader']
     torch.set_rng_state(checkpoint['rng']['torch'])
     aug_gen.set_state(checkpoint['rng']['aug'])
     if device_type == 'cuda' and checkpoint['rng'].get('cuda') is not None:
@@ -224,23 +247,24 @@ if checkpoint is not None:
     checkpoint = None
 
 class ASRLoss(nn.Module):
-    """Whisper -> (total loss, cross-entropy, CTC) for a batch; one module so that DDP and torch.compile see it all."""
+    """Whisper -> (total loss, cross-entropy, CTC) for a batch; one module so that DDP and
+    torch.compile see it all. xa: the encoder's outputs when they come from the cache."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, mel, mel_lengths, tokens, targets):
-        xa = self.model.encoder(mel)
+    def forward(self, mel, mel_lengths, tokens, targets, xa=None):
+        xa = self.model.encoder(mel) if xa is None else xa
         logits = self.model.decoder(tokens, xa)
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, label_smoothing=label_smoothing)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         if ctc_weight <= 0:
             return ce, ce.detach(), torch.zeros((), device=ce.device)
-        logp = F.log_softmax(self.model.ctc_head(xa).float(), dim=-1).transpose(0, 1)  # (T, B, V + 1)
-        in_lens = torch.div(mel_lengths + self.model.dims.conv_stride - 1, self.model.dims.conv_stride,
-                            rounding_mode='floor').clamp(max=xa.shape[1])
-        # CTC targets: the text tokens, i.e. the scored targets without EOT
-        keep = (targets != -100) & (targets != tokenizer.eot)
+        logp = F.log_softmax(self.model.ctc_head(xa).float(), dim=-1).transpose(0, 1)  # (T, B, V+1)
+        stride = self.model.dims.conv_stride
+        in_lens = torch.div(mel_lengths + stride - 1, stride, rounding_mode='floor')
+        in_lens = in_lens.clamp(max=xa.shape[1])
+        keep = (targets != -100) & (targets != tokenizer.eot)  # CTC targets: the text, no EOT
         ctc = F.ctc_loss(logp, targets[keep], in_lens, keep.sum(1), blank=self.model.dims.n_vocab,
                          reduction='mean', zero_infinity=True)
         return (1 - ctc_weight) * ce + ctc_weight * ctc, ce.detach(), ctc.detach()
@@ -250,7 +274,6 @@ train_module = ASRLoss(model)
 if compile:
     if master:
         print("compiling the model...")
-    torch._inductor.config.triton.coalesce_tiling_analysis = False  # asserts on dynamic shapes (torch 2.11, H100)
     train_module = torch.compile(train_module, dynamic=True)
 if ddp:
     train_module = DDP(train_module, device_ids=[local_rank] if device_type == 'cuda' else None)
@@ -267,7 +290,7 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 def get_batch():
-    """The next training batch, following the loader position (so a resumed run reads the same batches)."""
+    """The next batch, following the loader position (a resumed run reads the same batches)."""
     if loader['phase'] == 0 and len(phases) == 2 and iter_num >= curriculum_iters:
         loader.update(phase=1, epoch=0, step=0)
     batches = phases[loader['phase']]
@@ -280,7 +303,11 @@ def get_batch():
     return batch
 
 def to_device(batch):
-    return [batch[k].to(device, non_blocking=True) for k in ('mel', 'mel_lengths', 'tokens', 'targets')]
+    mel, lens, tokens, targets = (batch[k].to(device) for k in ('mel', 'mel_lengths', 'tokens',
+                                                                 'targets'))
+    with torch.no_grad():
+        xa = encode(mel, batch['audio']) if encode is not None else None
+    return mel, lens, tokens, targets, xa
 
 @torch.no_grad()
 def run_eval(rows, batches=None):
@@ -290,14 +317,14 @@ def run_eval(rows, batches=None):
     if batches is not None:
         sums = torch.zeros(3)
         for n, batch in enumerate(batches, 1):
-            with ctx:
+            with eval_ctx:
                 sums += torch.stack(ASRLoss(raw_model)(*to_device(batch))).float().cpu()
         out.update(loss=(sums[0] / n).item(), ce=(sums[1] / n).item(), ctc=(sums[2] / n).item())
     t0 = time.time()
-    with ctx:
-        hyps = evaluate.transcribe(raw_model, tokenizer, rows, eval_batch_size, language=language or None,
-                                   n_frames=n_frames or None, max_new_tokens=max_new_tokens)
-    out['report'] = evaluate.report(rows, hyps, time.time() - t0, language or None)
+    with eval_ctx:
+        hyps = evaluate.transcribe(raw_model, tokenizer, rows, eval_batch_size, n_frames=n_frames,
+                                   max_new_tokens=max_new_tokens, encode=encode)
+    out['report'] = evaluate.report(rows, hyps, time.time() - t0)
     out['wer'] = out['report']['wer']
     model.train()
     return out
@@ -307,8 +334,9 @@ def log_json(record):
         f.write(json.dumps(record) + '\n')
 
 def save_checkpoint():
-    ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': dataclasses.asdict(dims),
-            'iter_num': iter_num, 'best_val_wer': best_val_wer, 'config': config, 'tokenizer': tokenizer.to_dict(),
+    ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'model_args': dataclasses.asdict(dims), 'iter_num': iter_num,
+            'best_val_wer': best_val_wer, 'config': config, 'tokenizer': tokenizer.to_dict(),
             'frozen': frozen, 'loader': dict(loader),
             'rng': {'torch': torch.get_rng_state(), 'aug': aug_gen.get_state(),
                     'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
@@ -316,26 +344,24 @@ def save_checkpoint():
     os.replace(ckpt_path + '.tmp', ckpt_path)
     print(f"saved checkpoint to {ckpt_path}")
 
-def print_table(name, res):
-    printer = getattr(evaluate, 'print_table', None)
-    if printer is not None:
-        return printer(res)
-    print(f"{name:<6} {res['metric'].upper():>7} {'N':>7} {'S':>6} {'D':>6} {'I':>6} {'utts':>6} {'RTFx':>7}")
-    print(f"{'':<6} {100 * res['wer']:6.2f}% {res['n']:>7} {res['s']:>6} {res['d']:>6} {res['i']:>6} "
-          f"{res['utterances']:>6} {res['rtfx']:>7.1f}")
+def print_test(res):
+    print(f"test {res['metric'].upper()} {100 * res['wer']:.2f}% (N {res['n']}, S {res['s']}, "
+          f"D {res['d']}, "
+          f"I {res['i']}, {res['utterances']} utts, RTFx {res['rtfx']:.1f})")
 
 if master:
-    n_params = raw_model.get_num_params()
-    print(f"model: {n_params / 1e6:.2f}M parameters ({raw_model.get_num_params('encoder') / 1e6:.2f}M encoder), "
-          f"{dims.n_audio_layer}+{dims.n_text_layer} layers, width {dims.n_audio_state}/{dims.n_text_state}, "
-          f"vocab {dims.n_vocab}, conv_stride {dims.conv_stride}; {len(train_rows)} training utterances "
+    print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters "
+          f"({raw_model.get_num_params('encoder') / 1e6:.2f}M encoder, "
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained), "
+          f"{dims.n_audio_layer}+{dims.n_text_layer} layers, width {dims.n_text_state}, "
+          f"vocab {dims.n_vocab}; {len(train_rows)} training utterances "
           f"({sum(r['duration'] for r in train_rows) / 3600:.2f} h), {world_size} process(es)")
 if eval_only:
     if master:
         res = run_eval(val_rows, val_batches)
         print(f"val: loss {res['loss']:.4f}, WER {100 * res['wer']:.2f}%")
         if test_manifest:
-            print_table('test', run_eval(load_rows(test_manifest))['report'])
+            print_test(run_eval(load_rows(test_manifest))['report'])
     if ddp:
         dist.destroy_process_group()
     sys.exit(0)
@@ -343,8 +369,8 @@ if eval_only:
 # -----------------------------------------------------------------------------
 # training loop
 t_start = time.time()
-start_iter = saved_iter = iter_num
-time_up = False
+start_iter = iter_num
+saved, time_up = False, False
 t0 = time.time()
 model.train()
 while True:
@@ -352,53 +378,59 @@ while True:
     for group in optimizer.param_groups:
         group['lr'] = lr
     done = iter_num >= max_iters or time_up
+    # evaluate and checkpoint
     if (iter_num % eval_interval == 0 or done) and iter_num > start_iter and master:
         res = run_eval(val_rows, val_batches)
         if not all(math.isfinite(res[k]) for k in ('ce', 'ctc')):
-            fail(f"iter {iter_num}: non-finite val loss (ce {res['ce']}, ctc {res['ctc']}); stopping without saving "
-                 f"a checkpoint (lower learning_rate or check the data)")
+            fail(f"iter {iter_num}: non-finite val loss (ce {res['ce']}, ctc {res['ctc']}); "
+                 f"stopping without saving a checkpoint (lower learning_rate or check the data)")
         minutes = (time.time() - t_start) / 60
-        print(f"iter {iter_num}: val loss {res['loss']:.4f} (ce {res['ce']:.4f}, ctc {res['ctc']:.4f}), "
+        print(f"iter {iter_num}: val loss {res['loss']:.4f} (ce {res['ce']:.4f}, "
+              f"ctc {res['ctc']:.4f}), "
               f"val WER {100 * res['wer']:.2f}% on {len(val_rows)} utts, {minutes:.1f} min")
-        log_json({'iter': iter_num, 'val_loss': res['loss'], 'val_ce': res['ce'], 'val_ctc': res['ctc'],
-                  'val_wer': res['wer'], 'minutes': minutes})
+        log_json({'iter': iter_num, 'val_loss': res['loss'], 'val_ce': res['ce'],
+                  'val_ctc': res['ctc'], 'val_wer': res['wer'], 'minutes': minutes})
         improved = res['wer'] < best_val_wer
         best_val_wer = min(best_val_wer, res['wer'])
-        if improved or always_save_checkpoint:
+        if improved or always_save_checkpoint or (done and not saved):
             save_checkpoint()
-            saved_iter = iter_num
+            saved = True
         t0 = time.time()  # the time spent evaluating is not training time
     if done:
         if time_up and master:
             print(f"max_minutes={max_minutes} reached at iter {iter_num}")
         break
-    audio = 0.0
-    flops = 0
     sums = torch.zeros(4, device=device)  # loss, ce, ctc, audio seconds
+    flops = 0
     for micro_step in range(gradient_accumulation_steps):
         batch = get_batch()
-        mel, mel_lengths, tokens, targets = to_device(batch)
+        mel, mel_lengths, tokens, targets, xa = to_device(batch)
         if spec_augment:
             mel = data.spec_augment(mel, mel_lengths, generator=aug_gen)
+        if token_noise > 0:  # against greedy loops: swap some of the transcript tokens read
+            tokens = data.token_noise(tokens, targets, token_noise, aug_gen)
         if ddp:
             train_module.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with ctx:
-            loss, ce, ctc = train_module(mel, mel_lengths, tokens, targets)
+            loss, ce, ctc = train_module(mel, mel_lengths, tokens, targets, xa)
         (loss / gradient_accumulation_steps).backward()
-        sums += torch.stack([loss.detach().float(), ce.float(), ctc.float(), batch['duration'].sum().to(device)])
+        sums += torch.stack([loss.detach().float(), ce.float(), ctc.float(),
+                             batch['duration'].sum().to(device)])
         if device_type == 'cuda':
             flops += raw_model.estimate_flops(mel.shape[2], tokens.shape[1]) * mel.shape[0]
     time_up = max_minutes > 0 and time.time() - t_start > 60 * max_minutes
-    sums = torch.cat([sums / gradient_accumulation_steps, torch.tensor([float(time_up)], device=device)])
+    sums = torch.cat([sums / gradient_accumulation_steps,
+                      torch.tensor([float(time_up)], device=device)])
     if ddp:
         dist.all_reduce(sums)
         sums[:4] /= world_size
     loss_f, ce_f, ctc_f, audio_f, time_up = sums.tolist()
     time_up = time_up > 0  # the same decision on every process
     if not all(math.isfinite(v) for v in (loss_f, ce_f, ctc_f)):
-        which = ', '.join(f"{k} {v}" for k, v in (('ce', ce_f), ('ctc', ctc_f)) if not math.isfinite(v)) or f"loss {loss_f}"
-        fail(f"iter {iter_num}: non-finite loss ({which}); stopping without saving a checkpoint "
-             f"(lower learning_rate or check the data)")
+        which = ', '.join(f"{k} {v}" for k, v in (('ce', ce_f), ('ctc', ctc_f))
+                          if not math.isfinite(v))
+        fail(f"iter {iter_num}: non-finite loss ({which or f'loss {loss_f}'}); stopping without "
+             f"saving a checkpoint (lower learning_rate or check the data)")
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
@@ -410,26 +442,24 @@ while True:
     dt, t0 = t1 - t0, t1
     if iter_num % log_interval == 0 and master:
         audio_per_s = audio_f * world_size * gradient_accumulation_steps / dt
-        line = (f"iter {iter_num}: loss {loss_f:.4f}" + (f" (ce {ce_f:.4f}, ctc {ctc_f:.4f})" if ctc_weight > 0 else "") +
-                f", lr {lr:.1e}, {dt * 1000:.0f}ms/iter, {audio_per_s:.1f} audio-s/s")
-        record = {'iter': iter_num, 'loss': loss_f, 'ce': ce_f, 'ctc': ctc_f, 'lr': lr, 'ms': dt * 1000,
-                  'audio_s_per_s': audio_per_s, 'minutes': (t1 - t_start) / 60}
+        line = f"iter {iter_num}: loss {loss_f:.4f}"
+        line += f" (ce {ce_f:.4f}, ctc {ctc_f:.4f})" if ctc_weight > 0 else ""
+        line += f", lr {lr:.1e}, {dt * 1000:.0f}ms/iter, {audio_per_s:.1f} audio-s/s"
+        record = {'iter': iter_num, 'loss': loss_f, 'ce': ce_f, 'ctc': ctc_f, 'lr': lr,
+                  'ms': dt * 1000, 'audio_s_per_s': audio_per_s, 'minutes': (t1 - t_start) / 60}
         if device_type == 'cuda':
             record['mfu'] = flops * world_size / dt / 989e12  # H100 bf16 dense peak
             line += f", mfu {100 * record['mfu']:.1f}%"
         print(line)
         log_json(record)
 
-# the end: save the latest state, evaluate on test
-if master:
-    if iter_num > saved_iter:
-        save_checkpoint()
-    if test_manifest:
-        res = run_eval(load_rows(test_manifest))['report']
-        print_table('test', res)
-        log_json({'iter': iter_num, 'test_wer': res['wer'], 'minutes': (time.time() - t_start) / 60})
+# the end: evaluate the final weights on test
+if master and test_manifest:
+    res = run_eval(load_rows(test_manifest))['report']
+    print_test(res)
+    log_json({'iter': iter_num, 'test_wer': res['wer'], 'minutes': (time.time() - t_start) / 60})
 if ddp:
     dist.barrier()  # wait for the master's checkpoint and test table before tearing the group down
-    del train_module  # DDP sits in reference cycles: free it while its group exists (else gloo may SIGABRT at exit)
+    del train_module  # DDP sits in reference cycles: free it while its group exists (gloo aborts)
     gc.collect()
     dist.destroy_process_group()

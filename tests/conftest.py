@@ -1,4 +1,4 @@
-"""Shared fixtures: a few real espeak-ng recordings and a tiny synthetic corpus (made once per test session)."""
+"""Shared fixtures: a real espeak-ng recording and a tiny synthetic corpus (made once a session)."""
 import os
 import subprocess
 import sys
@@ -11,15 +11,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def espeak_wav(tmp_path_factory):
     """Path of a ~2.5 s espeak-ng recording at its native 22.05 kHz."""
     path = tmp_path_factory.mktemp('espeak') / 'fox.wav'
-    subprocess.run(['espeak-ng', '-v', 'en-us', '-w', str(path), 'the quick brown fox jumps over the lazy dog'], check=True)
+    subprocess.run(['espeak-ng', '-v', 'en-us', '-w', str(path),
+                    'the quick brown fox jumps over the lazy dog'], check=True)
     return str(path)
 
 @pytest.fixture(scope='session')
 def tiny_corpus(tmp_path_factory):
-    """A 12/4/4-utterance grammar corpus (one voice family held out for test): the directory with {train,val,test}.jsonl."""
-    from data import synth_corpus
+    """A 12/4/4-utterance grammar corpus, one voice family held out for test: the directory of
+    {train,val,test}.jsonl."""
+    from synth import synth_corpus
     out = tmp_path_factory.mktemp('corpus')
-    synth_corpus(str(out), 'grammar', n_train=12, n_val=4, n_test=4, holdout_voices=1, seed=1337, workers=1)
+    synth_corpus(str(out), 'grammar', n_train=12, n_val=4, n_test=4, holdout_voices=1, seed=1337,
+                 workers=1)
     return str(out)
 
 @pytest.fixture(scope='session')

@@ -1,13 +1,15 @@
-"""configurator.py: overrides, config files, and one-line errors for unknown keys and wrong types."""
+"""configurator.py: overrides, config files, one-line errors for unknown keys and wrong types."""
 import subprocess, sys, os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = "batch_size = 8\nlr = 1e-3\nname = 'x'\ncompile = False\nexec(open('configurator.py').read())\nprint(batch_size, lr, name, compile)\n"
+SCRIPT = ("batch_size = 8\nlr = 1e-3\nname = 'x'\ncompile = False\n"
+          "exec(open('configurator.py').read())\nprint(batch_size, lr, name, compile)\n")
 
 def run(tmp_path, *args):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True,
+                          text=True)
 
 def test_overrides_and_config_file(tmp_path):
     cfg = tmp_path / "cfg.py"

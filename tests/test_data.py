@@ -1,16 +1,22 @@
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-import data
-from data import (Batches, SAMPLE_RATE, SentencePieceTokenizer, aishell_manifest, librispeech_manifest, load_audio,
-                  log_mel_spectrogram, mel_filters, read_manifest, resample, spec_augment, synth_corpus,
-                  tokenizer_from_dict, utterance_mel, whisper_mel, write_manifest)
+from data import (Batches, SAMPLE_RATE, SentencePieceTokenizer, aishell_manifest,
+                  librispeech_manifest, load_audio, log_mel_spectrogram, mel_filters, read_manifest,
+                  resample, spec_augment, utterance_mel, whisper_mel, write_manifest)
+import synth
+from synth import synth_corpus
+from whisper_io import tokenizer_from_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------- audio
 
@@ -21,13 +27,14 @@ def test_resample_keeps_sine(sr):
     y = resample(x, sr)
     assert y.dtype == np.float32 and len(y) == round(n * SAMPLE_RATE / sr)
     ref = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(len(y)) / SAMPLE_RATE)
-    assert np.abs(y - ref)[800:-800].max() < 1e-2  # same frequency, phase and amplitude away from the edges
+    assert np.abs(y - ref)[800:-800].max() < 1e-2  # same frequency, phase, amplitude (off edges)
 
 def test_resample_removes_aliases():
     sr = 44100
     t = np.arange(sr) / sr
-    above = resample(np.sin(2 * np.pi * 11000 * t).astype(np.float32), sr)  # above the new Nyquist: must vanish
-    below = resample(np.sin(2 * np.pi * 6000 * t).astype(np.float32), sr)   # in the pass band: must stay
+    sine = lambda f: np.sin(2 * np.pi * f * t).astype(np.float32)
+    above = resample(sine(11000), sr)  # above the new Nyquist: must vanish
+    below = resample(sine(6000), sr)   # in the pass band: must stay
     assert np.sqrt(np.mean(above[800:-800] ** 2)) < 1e-3
     assert abs(np.sqrt(2 * np.mean(below[800:-800] ** 2)) - 1) < 1e-2
 
@@ -74,9 +81,10 @@ def test_log_mel_matches_whisper(espeak_wav, n_mels):
         ours = log_mel_spectrogram(inp, n_mels)
         assert ours.shape == ref.shape == (n_mels, len(audio) // 160)
         assert (ours - ref).abs().max() < 1e-4
-    ref30 = whisper.log_mel_spectrogram(torch.from_numpy(audio), n_mels, padding=whisper.audio.N_SAMPLES)[:, :3000]
+    ref30 = whisper.log_mel_spectrogram(torch.from_numpy(audio), n_mels,
+                                        padding=whisper.audio.N_SAMPLES)[:, :3000]
     assert (whisper_mel(audio, n_mels) - ref30).abs().max() < 1e-4
-    mel, pad, n = utterance_mel(audio, n_mels, n_frames=3000)  # cached short form, padded like Batches does
+    mel, pad, n = utterance_mel(audio, n_mels, n_frames=3000)  # short form, padded as Batches does
     full = torch.full((n_mels, 3000), pad)
     full[:, :mel.shape[1]] = mel
     assert n == len(audio) // 160 and (full - ref30).abs().max() < 1e-4
@@ -87,7 +95,8 @@ def test_spec_augment_masks_inside_lengths():
     lengths = torch.tensor([100, 60, 30])
     out = spec_augment(mel.clone(), lengths, generator=g)
     assert out.shape == mel.shape and (out != mel).any()
-    assert torch.equal(out[1, :, 60:], mel[1, :, 60:]) and torch.equal(out[2, :, 30:], mel[2, :, 30:])
+    assert torch.equal(out[1, :, 60:], mel[1, :, 60:])
+    assert torch.equal(out[2, :, 30:], mel[2, :, 30:])
 
 # ---------------------------------------------------------------------------- manifests
 
@@ -129,7 +138,8 @@ def test_librispeech_manifest(tmp_path):
     rows = librispeech_manifest(str(root), str(tmp_path / 'ls.jsonl'))
     back = read_manifest(tmp_path / 'ls.jsonl')
     assert back == rows and len(rows) == 3
-    assert rows[1] == dict(audio=str(root / '19' / '198' / '19-198-0001.flac'), text='HELLO WORLD NUMBER 1', duration=0.2, lang='en')
+    assert rows[1] == dict(audio=str(root / '19' / '198' / '19-198-0001.flac'),
+                           text='HELLO WORLD NUMBER 1', duration=0.2, lang='en')
 
 def test_aishell_manifest(tmp_path):
     root = tmp_path / 'aishell'
@@ -138,48 +148,59 @@ def test_aishell_manifest(tmp_path):
         (root / 'wav' / split / spk).mkdir(parents=True)
         for i in range(2):
             uid = f'BAC009{spk}W{i:04d}'
-            sf.write(root / 'wav' / split / spk / f'{uid}.wav', np.zeros(8000, np.float32), 16000)
+            sf.write(root / 'wav' / split / spk / f'{uid}.wav', np.zeros(8000, np.float32),
+                     16000)
             if not (split == 'dev' and i == 1):  # a wav without a transcript is skipped
                 trans.append(f'{uid} 而 对 楼市 成交 {i}')
     (root / 'transcript').mkdir()
-    (root / 'transcript' / 'aishell_transcript_v0.8.txt').write_text('\n'.join(trans) + '\n', encoding='utf-8')
+    (root / 'transcript' / 'aishell_transcript_v0.8.txt').write_text('\n'.join(trans) + '\n',
+                                                                      encoding='utf-8')
     out = aishell_manifest(str(root), str(tmp_path / 'out'))
     assert {k: len(v) for k, v in out.items()} == dict(train=2, dev=1, test=2)
     test = read_manifest(tmp_path / 'out' / 'test.jsonl')
-    assert test[1] == dict(audio=str(root / 'wav' / 'test' / 'S0764' / 'BAC009S0764W0001.wav'), text='而对楼市成交1',
-                           duration=0.5, lang='zh')
+    assert test[1] == dict(audio=str(root / 'wav' / 'test' / 'S0764' / 'BAC009S0764W0001.wav'),
+                           text='而对楼市成交1', duration=0.5, lang='zh')
 
 # ---------------------------------------------------------------------------- synthetic corpus
 
 def test_synth_corpus(tiny_corpus, tmp_path):
-    splits = {s: read_manifest(os.path.join(tiny_corpus, f'{s}.jsonl')) for s in ('train', 'val', 'test')}
+    splits = {s: read_manifest(os.path.join(tiny_corpus, f'{s}.jsonl'))
+              for s in ('train', 'val', 'test')}
     assert [len(splits[s]) for s in ('train', 'val', 'test')] == [12, 4, 4]
     texts = {s: {r['text'] for r in rows} for s, rows in splits.items()}
-    assert not (texts['train'] & texts['val'] or texts['train'] & texts['test'] or texts['val'] & texts['test'])
+    assert not (texts['train'] & texts['val'] or texts['train'] & texts['test']
+                or texts['val'] & texts['test'])
     family = lambda r: r['voice'].split('+')[0]
-    assert not {family(r) for r in splits['test']} & {family(r) for r in splits['train'] + splits['val']}
+    heard = {family(r) for r in splits['train'] + splits['val']}
+    assert not {family(r) for r in splits['test']} & heard
     for r in splits['train'][:3]:
         info = sf.info(r['audio'])
-        assert info.samplerate == 16000 and info.subtype == 'PCM_16' and abs(info.duration - r['duration']) < 1e-3
+        assert info.samplerate == 16000 and info.subtype == 'PCM_16'
+        assert abs(info.duration - r['duration']) < 1e-3
         assert 3 <= len(r['text'].split()) <= 10 and r['lang'] == 'en'
     # same seed -> same texts, voices and audio
-    synth_corpus(str(tmp_path), 'grammar', n_train=12, n_val=4, n_test=4, holdout_voices=1, seed=1337, workers=2)
-    assert open(os.path.join(tiny_corpus, 'test.jsonl')).read() == (tmp_path / 'test.jsonl').read_text()
-    assert np.array_equal(load_audio(splits['train'][0]['audio']), load_audio(tmp_path / 'wav' / 'train' / 'train_00000.wav'))
+    synth_corpus(str(tmp_path), 'grammar', n_train=12, n_val=4, n_test=4, holdout_voices=1,
+                 seed=1337, workers=2)
+    assert (open(os.path.join(tiny_corpus, 'test.jsonl')).read() ==
+            (tmp_path / 'test.jsonl').read_text())
+    assert np.array_equal(load_audio(splits['train'][0]['audio']),
+                          load_audio(tmp_path / 'wav' / 'train' / 'train_00000.wav'))
 
 def test_text_sources():
-    en = data.fortunes_sentences()
+    en = synth.fortunes_sentences()
     assert len(en) > 5000 and len(set(s.lower() for s in en)) == len(en)
     assert all(4 <= len(s.split()) <= 20 and s.isascii() for s in en)
-    zh = data.zh_sentences()
+    zh = synth.zh_sentences()
     assert len(zh) > 1000 and all(4 <= len(s) <= 20 for s in zh)
 
 def test_synth_mandarin_and_noise(tmp_path):
-    rows = synth_corpus(str(tmp_path), 'zh', n_train=2, n_val=1, n_test=1, noise=1.0, seed=3, workers=1)
+    rows = synth_corpus(str(tmp_path), 'zh', n_train=2, n_val=1, n_test=1, noise=1.0, seed=3,
+                        workers=1)
     r = read_manifest(tmp_path / 'train.jsonl')[0]
     assert r['lang'] == 'zh' and r['voice'].startswith('cmn') and len(rows['test']) == 1
     audio = load_audio(r['audio'])
-    assert np.abs(audio).max() <= 1.0 and np.abs(audio[:160]).max() > 0  # noise is present even before the speech
+    assert np.abs(audio).max() <= 1.0
+    assert np.abs(audio[:160]).max() > 0  # noise is present even before the speech
 
 # ---------------------------------------------------------------------------- tokenizer
 
@@ -189,13 +210,16 @@ def test_sentencepiece_round_trip(tiny_corpus, tiny_tokenizer):
     ids = tok.encode(text)
     assert all(0 <= i < tok.n_vocab for i in ids) and tok.sot not in ids and tok.eot not in ids
     assert tok.decode([tok.sot] + ids + [tok.eot]) == text
-    assert tok.sot_sequence('en') == [tok.sot] and tok.eot in tok.suppress_blank and tok.sot in tok.suppress
+    assert tok.sot_sequence('en') == [tok.sot]
+    assert tok.eot in tok.suppress_blank and tok.sot in tok.suppress
     tok2 = tokenizer_from_dict(pickle.loads(pickle.dumps(tok.to_dict())))
     assert pickle.loads(pickle.dumps(tok)).encode(text) == ids
-    assert tok.to_dict()['kind'] == 'sentencepiece' and tok2.encode(text) == ids and tok2.n_vocab == tok.n_vocab
+    assert tok.to_dict()['kind'] == 'sentencepiece'
+    assert tok2.encode(text) == ids and tok2.n_vocab == tok.n_vocab
 
 def test_sentencepiece_bpe_and_chinese():
-    tok = SentencePieceTokenizer.train(['今天天气很好', '明天下雨', '天气不好'] * 5, vocab_size=8, model_type='bpe')
+    texts = ['今天天气很好', '明天下雨', '天气不好'] * 5
+    tok = SentencePieceTokenizer.train(texts, vocab_size=8, model_type='bpe')
     assert tok.decode(tok.encode('天气很好')) == '天气很好'
 
 # ---------------------------------------------------------------------------- batches
@@ -205,15 +229,18 @@ def test_batches_tokens_and_targets(tiny_corpus, tiny_tokenizer):
     rows = read_manifest(os.path.join(tiny_corpus, 'train.jsonl'))[:4]
     rows[3] = {k: v for k, v in rows[3].items() if k != 'text'}  # unlabeled
     batch = next(iter(Batches(rows, tok, batch_size=4, shuffle=False)))
-    assert batch['mel'].shape[:2] == (4, 80) and batch['mel'].shape[2] == batch['mel_lengths'].max()
+    assert batch['mel'].shape[:2] == (4, 80)
+    assert batch['mel'].shape[2] == batch['mel_lengths'].max()
     for b, r in enumerate(rows):
         toks, tgts = batch['tokens'][b].tolist(), batch['targets'][b].tolist()
         if 'text' not in r:
-            assert toks[0] == tok.sot and all(t == -100 for t in tgts) and batch['text'][b] is None
+            assert toks[0] == tok.sot and all(t == -100 for t in tgts)
+            assert batch['text'][b] is None
             continue
         ids = tok.encode(r['text'])
         assert toks[:len(ids) + 1] == [tok.sot] + ids
-        assert tgts[:len(ids) + 1] == ids + [tok.eot] and all(t == -100 for t in tgts[len(ids) + 1:])
+        assert tgts[:len(ids) + 1] == ids + [tok.eot]
+        assert all(t == -100 for t in tgts[len(ids) + 1:])
         n = batch['mel_lengths'][b]
         mel, pad, _ = utterance_mel(load_audio(r['audio']))
         assert torch.equal(batch['mel'][b, :, :n], mel) and (batch['mel'][b, :, n:] == pad).all()
@@ -239,13 +266,30 @@ def test_batches_deterministic_and_bucketed(tiny_corpus, tiny_tokenizer):
         bd = sorted(rows[i]['duration'] for i in batch)
         assert d.index(bd[-1]) - d.index(bd[0]) == len(bd) - 1 or len(set(d)) < len(d)
     by_time = Batches(rows, tiny_tokenizer, max_seconds=8.0).plan()
-    assert all(len(bt) * max(rows[i]['duration'] for i in bt) <= 8.0 or len(bt) == 1 for bt in by_time)
+    assert all(len(bt) * max(rows[i]['duration'] for i in bt) <= 8.0 or len(bt) == 1
+               for bt in by_time)
 
 @pytest.mark.parametrize('batch_size,shuffle', [(3, True), (5, True), (4, False), (12, True)])
 def test_batches_sharding(tiny_corpus, tiny_tokenizer, batch_size, shuffle):
     rows = read_manifest(os.path.join(tiny_corpus, 'train.jsonl'))
-    plans = [Batches(rows, tiny_tokenizer, batch_size=batch_size, seed=1, rank=r, world_size=2, shuffle=shuffle).plan()
-             for r in range(2)]
+    plans = [Batches(rows, tiny_tokenizer, batch_size=batch_size, seed=1, rank=r, world_size=2,
+                     shuffle=shuffle).plan() for r in range(2)]
     assert len(plans[0]) == len(plans[1]) > 0
     seen = [sorted(sum(p, [])) for p in plans]
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(12))
+
+# ---------------------------------------------------------------------------- command line
+
+def test_cli(tmp_path):
+    run = lambda script, *args: subprocess.run([sys.executable, script, *args], cwd=ROOT,
+                                               capture_output=True, text=True)
+    r = run('synth.py', f'--out={tmp_path / "c"}', '--text=grammar', '--n_train=2', '--n_val=1',
+            '--n_test=1', '--workers=1')
+    assert r.returncode == 0, r.stderr
+    assert len(read_manifest(tmp_path / 'c' / 'train.jsonl')) == 2
+    r = run('data.py', 'librispeech', str(tmp_path / 'none'), str(tmp_path / 'ls.jsonl'))
+    assert r.returncode == 0 and read_manifest(tmp_path / 'ls.jsonl') == []
+    r = run('synth.py', '--out=x', '--n_trian=2')
+    assert r.returncode == 2 and 'unknown config key: n_trian' in r.stderr
+    r = run('data.py', 'nothing')
+    assert r.returncode == 1 and 'python data.py librispeech' in r.stderr

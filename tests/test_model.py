@@ -1,16 +1,23 @@
-"""model.py: KV cache, batched decoding and beam search agree with the slow, obvious computations."""
+"""model.py: KV cache, batched decoding and beam search agree with the slow, obvious ways."""
 import torch
 import pytest
 
 from model import Whisper, ModelDimensions
 
-def tiny_model(seed=0, n_vocab=50):
+EOT_BIAS = 6.0  # with tiny_model(eot_bias=EOT_BIAS), some utterances below reach EOT, others not
+
+def tiny_model(seed=0, n_vocab=50, eot_bias=0.0):
     torch.manual_seed(seed)
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=100, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
-                           n_vocab=n_vocab, n_text_ctx=40, n_text_state=64, n_text_head=4, n_text_layer=2)
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=100, n_audio_state=64, n_audio_head=4,
+                           n_audio_layer=2, n_vocab=n_vocab, n_text_ctx=40, n_text_state=64,
+                           n_text_head=4, n_text_layer=2)
     model = Whisper(dims).eval()
-    for p in model.parameters():  # larger than the init's 0.02, so the outputs are peaked and decoding is not trivial
+    for p in model.parameters():  # above the init's 0.02: peaked outputs, non-trivial decoding
         p.data.normal_(0, 0.5)
+    if eot_bias:  # the final LayerNorm's bias raises EOT's (id 0) logit by eot_bias everywhere
+        with torch.no_grad():
+            w = model.decoder.token_embedding.weight[0]
+            model.decoder.ln.bias += eot_bias * w / w.dot(w)
     return model
 
 def test_state_dict_names_match_openai_whisper():
@@ -26,7 +33,8 @@ def test_state_dict_names_match_openai_whisper():
     ref.load_state_dict(tiny_model().state_dict())
     mel, tokens = torch.randn(2, 80, 200), torch.randint(0, 50, (2, 7))
     with torch.no_grad():
-        torch.testing.assert_close(tiny_model()(mel, tokens), ref(mel, tokens), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(tiny_model()(mel, tokens), ref(mel, tokens), atol=1e-4,
+                                   rtol=1e-4)
 
 def test_kv_cache_equals_full_recomputation():
     model = tiny_model()
@@ -47,21 +55,35 @@ def test_encoder_takes_any_length_up_to_its_context():
         model.encoder(torch.randn(1, 80, 202))
 
 def test_batched_greedy_equals_one_at_a_time_and_beam1():
-    model = tiny_model()
+    model = tiny_model(eot_bias=EOT_BIAS)
     xa = model.encoder(torch.randn(4, 80, 120))
-    tokens, logprobs, ended = model.generate(xa, [1, 2], eot=0, max_new_tokens=20)
-    assert any(len(t) > 3 for t in tokens)
+    out = model.generate(xa, [1, 2], eot=0, max_new_tokens=20)
+    assert any(len(t) > 3 for t in out.tokens)
+    assert any(out.ended) and not all(out.ended)  # both the EOT and the length-bound exits
     for b in range(4):
-        t1, lp1, e1 = model.generate(xa[b:b + 1], [1, 2], eot=0, max_new_tokens=20)
-        assert t1[0] == tokens[b] and e1[0] == ended[b]
-        assert lp1[0] == pytest.approx(logprobs[b], abs=1e-4)
-    beam_tokens, _, _ = model.beam_search(xa, [1, 2], eot=0, beam_size=1, max_new_tokens=20)
-    assert beam_tokens == tokens
+        one = model.generate(xa[b:b + 1], [1, 2], eot=0, max_new_tokens=20)
+        assert one.tokens[0] == out.tokens[b] and one.ended[0] == out.ended[b]
+        assert one.logprobs[0] == pytest.approx(out.logprobs[b], abs=1e-4)
+    beam = model.beam_search(xa, [1, 2], eot=0, beam_size=1, max_new_tokens=20)
+    assert beam.tokens == out.tokens and beam.ended == out.ended
+
+def test_batched_beam_search_equals_one_at_a_time():
+    model = tiny_model(eot_bias=EOT_BIAS)
+    xa = model.encoder(torch.randn(4, 80, 120))
+    kw = dict(eot=0, beam_size=3, max_new_tokens=10, suppress_blank=[0])
+    out = model.beam_search(xa, [1, 2], **kw)
+    assert any(out.ended) and not all(out.ended)
+    for b in range(4):
+        one = model.beam_search(xa[b:b + 1], [1, 2], **kw)
+        assert one.tokens[0] == out.tokens[b] and one.ended[0] == out.ended[b]
+        assert one.logprobs[0] == pytest.approx(out.logprobs[b], abs=1e-4)
 
 def test_greedy_logprobs_and_suppression():
     model = tiny_model()
     xa = model.encoder(torch.randn(2, 80, 120))
-    tokens, logprobs, _ = model.generate(xa, [1, 2], eot=0, max_new_tokens=10, suppress=[36, 13], suppress_blank=[10])
+    out = model.generate(xa, [1, 2], eot=0, max_new_tokens=10, suppress=[36, 13],
+                         suppress_blank=[10])
+    tokens, logprobs = out.tokens, out.logprobs
     assert all(t not in (36, 13) for seq in tokens for t in seq)
     assert all(seq[0] != 10 for seq in tokens if seq)
     # the returned log-probabilities are those of a full recomputation under the same masking
@@ -76,9 +98,10 @@ def test_greedy_logprobs_and_suppression():
 def test_beam_search_finds_a_better_sequence_than_greedy():
     model = tiny_model(seed=3)
     xa = model.encoder(torch.randn(3, 80, 120))
-    greedy, lp, _ = model.generate(xa, [1, 2], eot=0, max_new_tokens=12)
-    beam, scores, _ = model.beam_search(xa, [1, 2], eot=0, beam_size=4, max_new_tokens=12, length_penalty=0.0)
-    # with length_penalty 0 the ranking is by total log-probability, so beam can only do as well or better
+    greedy, lp = model.generate(xa, [1, 2], eot=0, max_new_tokens=12)[:2]
+    beam, scores = model.beam_search(xa, [1, 2], eot=0, beam_size=4, max_new_tokens=12,
+                                     length_penalty=0.0)[:2]
+    # with length_penalty 0 the ranking is by total log-probability, so beam does as well or better
     # whenever both end at the same maximum length or both finish
     for b in range(3):
         assert scores[b][0] >= sum(lp[b]) - 1e-4 or len(greedy[b]) < len(beam[b])
@@ -86,8 +109,18 @@ def test_beam_search_finds_a_better_sequence_than_greedy():
 def test_max_lens_bounds_each_rollout():
     model = tiny_model()
     xa = model.encoder(torch.randn(3, 80, 120))
-    tokens, _, ended = model.generate(xa, [1, 2], eot=0, max_new_tokens=20, max_lens=[1, 3, 20])
+    tokens = model.generate(xa, [1, 2], eot=0, max_new_tokens=20, max_lens=[1, 3, 20]).tokens
     assert len(tokens[0]) <= 1 and len(tokens[1]) <= 3
+
+def test_topk_ids_cover_every_step_and_eot():
+    model = tiny_model(eot_bias=EOT_BIAS)
+    xa = model.encoder(torch.randn(4, 80, 120))
+    out = model.generate(xa, [1, 2], eot=0, max_new_tokens=20, topk=3)
+    assert any(out.ended) and not all(out.ended)
+    assert model.generate(xa, [1, 2], eot=0, max_new_tokens=20).top_ids is None
+    for t, e, ids in zip(out.tokens, out.ended, out.top_ids):
+        assert ids.shape == (len(t) + e, 3)
+        assert ids[:, 0].tolist() == t + [0] * e  # greedy: the top-1 id is the token taken
 
 def test_precomputed_cross_kv_decodes_the_same():
     model = tiny_model()
@@ -96,10 +129,11 @@ def test_precomputed_cross_kv_decodes_the_same():
         kv = model.decoder.cross_kv(xa)
     plain = model.generate(xa, [1, 2], eot=0, max_new_tokens=10)
     given = model.generate(xa, [1, 2], eot=0, max_new_tokens=10, kv_cache=kv)
-    assert given[0] == plain[0] and torch.allclose(torch.tensor(given[1]), torch.tensor(plain[1]))
-    assert len(kv) == len(model.decoder.blocks)  # the caller's dict is not filled with the self-attention entries
-    tokens = torch.tensor([[1, 2] + given[0][0]] * 3)
-    w16 = model.decoder.token_embedding.weight.detach().to(torch.bfloat16)  # a bf16 output embedding, as rollouts use
+    assert given.tokens == plain.tokens
+    assert torch.allclose(torch.tensor(given.logprobs), torch.tensor(plain.logprobs))
+    assert len(kv) == len(model.decoder.blocks)  # the caller's dict gets no self-attention entries
+    tokens = torch.tensor([[1, 2] + given.tokens[0]] * 3)
+    w16 = model.decoder.token_embedding.weight.detach().to(torch.bfloat16)  # bf16, as rollouts use
     full, fast = model.decoder(tokens, xa), model.decoder(tokens, xa, project=w16)
     assert fast.dtype == torch.float32 and not torch.equal(fast, full)
     torch.testing.assert_close(fast, full, atol=0.02 * full.abs().max().item(), rtol=0)
@@ -108,9 +142,10 @@ def test_sampling_is_seeded_and_top_p_small_equals_greedy():
     model = tiny_model()
     xa = model.encoder(torch.randn(2, 80, 120))
     g = lambda: torch.Generator().manual_seed(5)
-    a = model.generate(xa, [1, 2], eot=0, max_new_tokens=10, temperature=1.0, generator=g())[0]
-    b = model.generate(xa, [1, 2], eot=0, max_new_tokens=10, temperature=1.0, generator=g())[0]
+    sample = lambda **kw: model.generate(xa, [1, 2], eot=0, max_new_tokens=10, **kw).tokens
+    a = sample(temperature=1.0, generator=g())
+    b = sample(temperature=1.0, generator=g())
     assert a == b
-    greedy = model.generate(xa, [1, 2], eot=0, max_new_tokens=10)[0]
-    nucleus = model.generate(xa, [1, 2], eot=0, max_new_tokens=10, temperature=1.0, top_p=1e-6, generator=g())[0]
+    greedy = sample()
+    nucleus = sample(temperature=1.0, top_p=1e-6, generator=g())
     assert nucleus == greedy

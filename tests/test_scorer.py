@@ -1,22 +1,25 @@
-"""evaluate.score against jiwer (reference implementation, test-only), and the normalisers."""
+"""score.score against jiwer (reference implementation, test-only), and the normalisers."""
 import random
 
 import pytest
 
 jiwer = pytest.importorskip("jiwer")
 
-from evaluate import score, normalize_en, normalize_zh, normalize_basic, units
+from score import score, normalize_en, normalize_zh, normalize_basic, units
 
 VOCAB = "a an the cat cats sat on mat dog dogs ran to of".split()
 HANZI = list("我你他的是在不了有和人这中大为上个国")
 
 def _pairs(n=1200, seed=0):
-    """English word strings and Chinese character strings of many lengths (up to 200 characters, beyond rapidfuzz's
-    64-unit single-word fast path), with empty strings on either side, messy spacing and near-copies (many ties)."""
+    """English word strings and Chinese character strings of many lengths (up to 200 characters,
+    beyond rapidfuzz's 64-unit single-word fast path), with empty strings on either side, messy
+    spacing and near-copies (many ties)."""
     rng = random.Random(seed)
     def en():
         words = [rng.choice(VOCAB) for _ in range(rng.choice([0, 0, 1, 2, 3, 5, 8, 13, 30, 70]))]
-        return rng.choice([" ", "  ", " "]).join(words) if rng.random() < 0.9 else " " + "   ".join(words) + " "
+        if rng.random() < 0.9:
+            return rng.choice([" ", "  ", " "]).join(words)
+        return " " + "   ".join(words) + " "
     def zh():
         alphabet = HANZI[:rng.randint(1, len(HANZI))]  # small alphabets: many equal-cost alignments
         s = "".join(rng.choice(alphabet) for _ in range(rng.choice([0, 0, 1, 3, 10, 30, 80, 200])))
@@ -76,19 +79,24 @@ def test_normalised_corpus_equals_jiwer_on_normalised_text():
 
 def test_ties_and_edge_cases():
     # equal-cost alignments: jiwer (rapidfuzz) prefers these splits; a textbook backtrace may not
-    for ref, hyp in [("a b", "b c"), ("a b c", "c a b"), ("a a b", "b a"), ("x y z", "y"), ("a b c d", "b a d c"), ("", "a b")]:
+    for ref, hyp in [("a b", "b c"), ("a b c", "c a b"), ("a a b", "b a"), ("x y z", "y"),
+                     ("a b c d", "b a d c"), ("", "a b")]:
         o = jiwer.process_words(ref, hyp)
         ours = score(ref, hyp)
-        assert (ours["s"], ours["d"], ours["i"]) == (o.substitutions, o.deletions, o.insertions), (ref, hyp)
-    # empty references: jiwer's "rate" is then the number of insertions; empty hypotheses: all deletions
-    assert score(["", ""], ["a b", "c"]) == {"wer": 3.0, "n": 0, "s": 0, "d": 0, "i": 3} and jiwer.wer(["", ""], ["a b", "c"]) == 3
+        want = (o.substitutions, o.deletions, o.insertions)
+        assert (ours["s"], ours["d"], ours["i"]) == want, (ref, hyp)
+    # empty references: jiwer's "rate" is then the number of insertions; empty hypotheses: all
+    # deletions
+    assert score(["", ""], ["a b", "c"]) == {"wer": 3.0, "n": 0, "s": 0, "d": 0, "i": 3}
+    assert jiwer.wer(["", ""], ["a b", "c"]) == 3
     assert score(["", ""], ["", " "])["wer"] == 0.0 == jiwer.wer(["", ""], ["", " "])
     assert score("a b c", "") == {"wer": 1.0, "n": 3, "s": 0, "d": 3, "i": 0}
     assert score(["", "a b"], ["x", "a b"])["wer"] == 0.5 == jiwer.wer(["", "a b"], ["x", "a b"])
     # char units keep inner spaces (jiwer.cer's default) but not the ends
     assert units(" a  b ", "char") == ["a", " ", " ", "b"]
     assert score("ab cd", "abcd", "char")["d"] == 1 and jiwer.cer("ab cd", "abcd") == 0.2
-    # word units: only runs of 2+ whitespace characters collapse (a single tab stays inside a word, as in jiwer)
+    # word units: only runs of 2+ whitespace characters collapse (a single tab stays inside a
+    # word, as in jiwer)
     assert units("a\tb  c\n\nd", "word") == ["a\tb", "c", "d"]
     with pytest.raises(ValueError):
         score(["a"], ["a", "b"])
@@ -96,7 +104,8 @@ def test_ties_and_edge_cases():
 def test_normalize_en_examples():
     cases = {
         "Hello, World!  Foo-bar": "hello world foo bar",
-        "He won't go; she can't, they're here and I'm not.": "he will not go she can not they are here and i am not",
+        "He won't go; she can't, they're here and I'm not.":
+            "he will not go she can not they are here and i am not",
         "We'll see what you've done, I'd say.": "we will see what you have done i would say",
         "It's OK, isn't it?": "it is ok is not it",
         "twenty one people and three dogs": "21 people and 3 dogs",
@@ -120,17 +129,20 @@ def test_normalize_en_agrees_with_whisper_on_simple_sentences():
     whisper_norm = normalizers.EnglishTextNormalizer()
     sentences = [
         "Hello, World!", "John's car isn't red.", "He's gone, she'd go; I'm here. We'll see!",
-        "twenty one people and three dogs", "one hundred and five", "I won't, can't", "two thousand twenty",
-        "nineteen ninety nine", "Mr. Smith met Dr. Jones", "five thousand three hundred", "seven eleven",
-        "twenty twenty one", "he was one", "a hundred", "one million two thousand and three", "They've been here, you're there",
-        "Café au lait", "We gotta go, wanna come?", "fifteen minutes", "three hundred thousand", "zero", "forty two and six",
-        "Let's go, y'all!", "twelve hundred", "THE CAT SAT ON THE MAT", "A man said to the universe: Sir, I exist!",
+        "twenty one people and three dogs", "one hundred and five", "I won't, can't",
+        "two thousand twenty", "nineteen ninety nine", "Mr. Smith met Dr. Jones",
+        "five thousand three hundred", "seven eleven", "twenty twenty one", "he was one",
+        "a hundred", "one million two thousand and three", "They've been here, you're there",
+        "Café au lait", "We gotta go, wanna come?", "fifteen minutes", "three hundred thousand",
+        "zero", "forty two and six", "Let's go, y'all!", "twelve hundred", "THE CAT SAT ON THE MAT",
+        "A man said to the universe: Sir, I exist!",
     ]
     for s in sentences:
         assert normalize_en(s) == whisper_norm(s).strip(), s
 
 def test_normalize_zh_and_basic():
-    assert normalize_zh("你好，世界！ 我 爱 北京。“引号”（括号）《书》、；：？") == "你好世界我爱北京引号括号书"
+    text = "你好，世界！ 我 爱 北京。“引号”（括号）《书》、；：？"
+    assert normalize_zh(text) == "你好世界我爱北京引号括号书"
     assert normalize_zh("Hello  World. ２０２４年") == "helloworld2024年"
     r = score("今天 天气 很好。", "今天天气很 好！", "char", "zh")
     assert r == {"wer": 0.0, "n": 6, "s": 0, "d": 0, "i": 0}

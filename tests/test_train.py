@@ -13,7 +13,7 @@ sys.path.insert(0, ROOT)
 @pytest.fixture(scope='session')
 def train_corpus(tmp_path_factory):
     """16 training, 4 val and 4 test utterances of the grammar corpus."""
-    from data import synth_corpus
+    from synth import synth_corpus
     out = tmp_path_factory.mktemp('train_corpus')
     synth_corpus(str(out), 'grammar', n_train=16, n_val=4, n_test=4, seed=7, workers=1)
     return str(out)
@@ -43,15 +43,16 @@ def log(out_dir, key='loss'):
 def test_train_writes_checkpoint_that_evaluate_reads(train_corpus, tmp_path):
     out = tmp_path / 'out'
     p = run(tiny(train_corpus, out, eval_interval=2, ctc_weight=0.3, conv_stride=4, spec_augment=True,
+                 always_save_checkpoint=True,
                  test_manifest=f'{train_corpus}/test.jsonl'))
     assert 'iter 4: loss' in p.stdout and 'val WER' in p.stdout and 'audio-s/s' in p.stdout
     assert 'WER' in p.stdout.split('saved checkpoint')[-1]  # the test table at the end
-    ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=False)
+    ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
     assert ckpt['iter_num'] == 4 and set(ckpt) >= {'model', 'optimizer', 'model_args', 'best_val_wer', 'config', 'tokenizer'}
     assert ckpt['model_args']['conv_stride'] == 4 and ckpt['model_args']['ctc']
     assert not os.path.exists(out / 'ckpt.pt.tmp')
     from evaluate import load_checkpoint
-    model, tokenizer = load_checkpoint(str(out / 'ckpt.pt'))
+    model, tokenizer, _ = load_checkpoint(str(out / 'ckpt.pt'))
     assert model.ctc_head is not None and tokenizer.n_vocab == model.dims.n_vocab
     assert len(log(out)) == 4 and len(log(out, 'val_wer')) == 2 and len(log(out, 'test_wer')) == 1
     e = subprocess.run([sys.executable, 'evaluate.py', f'--ckpt={out}/ckpt.pt', f'--manifest={train_corpus}/test.jsonl',
@@ -66,8 +67,8 @@ def test_resume_is_bit_exact(train_corpus, tmp_path):
     run(tiny(train_corpus, tmp_path / 'straight', **kw))
     run(tiny(train_corpus, tmp_path / 'split', **dict(kw, max_iters=5)))
     run(tiny(train_corpus, tmp_path / 'split', **dict(kw, init_from='resume')))
-    a = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=False)
-    b = torch.load(tmp_path / 'split' / 'ckpt.pt', weights_only=False)
+    a = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
+    b = torch.load(tmp_path / 'split' / 'ckpt.pt', weights_only=True)
     assert a['iter_num'] == b['iter_num'] == 8 and a['loader'] == b['loader']
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
@@ -85,8 +86,8 @@ def test_ddp_matches_one_process(train_corpus, tmp_path):
     one, two = log(tmp_path / 'one'), log(tmp_path / 'two')
     assert len(one) == len(two) == 6
     assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
-    a = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=False)['model']
-    b = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=False)['model']
+    a = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)['model']
+    b = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)['model']
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
@@ -94,7 +95,7 @@ def test_ddp_matches_one_process(train_corpus, tmp_path):
 def test_compile(train_corpus, tmp_path):
     p = run(tiny(train_corpus, tmp_path / 'c', compile=True, max_iters=3, ctc_weight=0.3))
     assert 'iter 3: loss' in p.stdout
-    ckpt = torch.load(tmp_path / 'c' / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(tmp_path / 'c' / 'ckpt.pt', weights_only=True)
     assert not any(k.startswith(('_orig_mod', 'module', 'model.')) for k in ckpt['model'])  # the plain Whisper keys
 
 def test_config_errors(tmp_path):
@@ -115,3 +116,51 @@ def test_nan_loss_stops_without_saving(train_corpus, tmp_path, eval_interval, wh
     assert p.returncode != 0
     assert 'iter 1: ' + which in p.stderr, p.stderr
     assert not os.path.exists(out / 'ckpt.pt')
+
+def test_student_base_row_then_td_keeps_what_is_frozen(train_corpus, tmp_path):
+    """The distillation student's supervised rows: a smaller student of a checkpoint (its encoder
+    and embeddings frozen, dropout, token noise, bf16 on CPU), the best val WER's weights; then a
+    run from that student keeps its frozen parts."""
+    run(tiny(train_corpus, tmp_path / 'teacher', n_text_layer=2, max_iters=2))
+    kw = dict(init_from=f'{tmp_path}/teacher/ckpt.pt', student_layers=1, freeze_embeddings=True,
+              token_noise=0.3, dropout=0.1, cpu_bf16=True, max_iters=4, eval_interval=1)
+    run(tiny(train_corpus, tmp_path / 'base', **kw))
+    t = torch.load(tmp_path / 'teacher' / 'ckpt.pt', weights_only=True)
+    b = torch.load(tmp_path / 'base' / 'ckpt.pt', weights_only=True)
+    assert b['model_args']['n_text_layer'] == 1 and b['model_args']['dropout'] == 0.1
+    frozen = set(b['frozen'])
+    assert {k for k in b['model'] if k.startswith('encoder.blocks')} <= frozen  # (not its buffer)
+    assert {'decoder.token_embedding.weight', 'decoder.positional_embedding'} <= frozen
+    assert not any(k.startswith('decoder.blocks') for k in frozen)
+    for k in frozen:
+        assert torch.equal(b['model'][k], t['model'][k]), k
+    assert not torch.equal(b['model']['decoder.blocks.0.mlp.0.weight'],
+                           t['model']['decoder.blocks.1.mlp.0.weight'])  # its layer 1, trained
+    wers = log(tmp_path / 'base', 'val_wer')
+    assert len(wers) == 4 and b['iter_num'] == 1 + wers.index(min(wers))  # the first best
+    run(tiny(train_corpus, tmp_path / 'td', init_from=f'{tmp_path}/base/ckpt.pt', max_iters=2,
+             always_save_checkpoint=True))
+    d = torch.load(tmp_path / 'td' / 'ckpt.pt', weights_only=True)
+    assert set(d['frozen']) == frozen and d['model_args']['dropout'] == 0.0
+    assert all(torch.equal(d['model'][k], b['model'][k]) for k in frozen)
+
+def test_token_noise_swaps_only_transcript_inputs():
+    from data import token_noise
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (30, 25, 12, 40)]
+    prompt = [1, 2, 3]
+    L = len(prompt) + max(map(len, seqs))
+    tokens, targets = torch.zeros(4, L, dtype=torch.long), torch.full((4, L), -100)
+    for b, s in enumerate(seqs):  # data.Batches' layout: targets are the inputs shifted by one
+        row = prompt + s + [0]
+        tokens[b, :len(row) - 1] = torch.tensor(row[:-1])
+        targets[b, len(prompt) - 1:len(row) - 1] = torch.tensor(row[len(prompt):])
+    noisy = token_noise(tokens, targets, 0.3, torch.Generator().manual_seed(1))
+    text_in = torch.zeros_like(tokens, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        text_in[b, len(prompt):len(prompt) + len(s)] = True
+    changed = noisy != tokens
+    assert not changed[~text_in].any()  # prompt and padding untouched
+    assert 0.15 < changed[text_in].float().mean() < 0.35  # ~0.3, less the draws of the same id
+    assert set(noisy[changed].tolist()) <= set(tokens[text_in].tolist())  # the batch's own tokens
+    assert torch.equal(token_noise(tokens, targets, 0.0), tokens)

