@@ -32,7 +32,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
-import whisper_io
 from model import Whisper
 
 # -----------------------------------------------------------------------------
@@ -42,10 +41,9 @@ out_dir = 'out/distill'
 eval_interval = 100  # val WER every eval_interval steps (0 = only at the end)
 log_interval = 10
 always_save_checkpoint = False  # False: save when val WER improves (or at the end if never)
-init_from = 'teacher'  # 'teacher' (its first/last decoder layers), 'resume', or a student ckpt path
+init_from = 'out/base/ckpt.pt'  # the student (train.py's base row), or 'resume'
 # teacher and student (the student's encoder is frozen: OPD trains its decoder)
 teacher_path = 'weights/base'  # Whisper weights (.pt / HF dir / CT2 dir) or our checkpoint; frozen
-student_layers = 2  # init_from='teacher': decoder layers kept (distil-whisper: first and last)
 encoder_cache_dir = ''  # keep frozen encoders' outputs here (Whisper's fixed 30-s window only)
 # data: OPD reads only the audio of train_manifest
 train_manifest = 'data/synth_grammar/train.jsonl'
@@ -316,22 +314,17 @@ def main():
     # teacher (frozen, on every rank, never wrapped in DDP) and student (encoder frozen)
     teacher, tok, _ = evaluate.load_checkpoint(teacher_path, dev)
     teacher.requires_grad_(False)
-    checkpoint = None
-    if init_from == 'teacher':
-        student = whisper_io.make_student(teacher, n_decoder_layers=student_layers)
-        frozen = []
-    else:
-        path = ckpt_path if init_from == 'resume' else init_from
-        if not os.path.exists(path):
-            fail(f"init_from={init_from!r}: {path} does not exist")
-        student, student_tok, checkpoint = evaluate.load_checkpoint(path)
-        if student_tok.to_dict() != tok.to_dict():
-            fail(f"{path} and {teacher_path} have different tokenizers")
-        if init_from == 'resume' and checkpoint['config']['teacher_path'] != teacher_path:
-            fail(f"{path} was distilled from {checkpoint['config']['teacher_path']}, "
-                 f"not {teacher_path}")
-        frozen = (checkpoint or {}).get('frozen', [])
-        checkpoint = checkpoint if init_from == 'resume' else None
+    path = ckpt_path if init_from == 'resume' else init_from
+    if not os.path.exists(path):
+        fail(f"init_from={init_from!r}: {path} does not exist")
+    student, student_tok, checkpoint = evaluate.load_checkpoint(path)
+    if student_tok.to_dict() != tok.to_dict():
+        fail(f"{path} and {teacher_path} have different tokenizers")
+    if init_from == 'resume' and checkpoint['config']['teacher_path'] != teacher_path:
+        fail(f"{path} was distilled from {checkpoint['config']['teacher_path']}, "
+             f"not {teacher_path}")
+    frozen = (checkpoint or {}).get('frozen', [])
+    checkpoint = checkpoint if init_from == 'resume' else None
     if student.dims.dropout:  # rollouts and updates alike without dropout
         weights = student.state_dict()
         student = Whisper(dataclasses.replace(student.dims, dropout=0.0))

@@ -41,15 +41,13 @@ log_interval = 10
 eval_only = False  # evaluate the initial model on val (and test_manifest) and exit
 always_save_checkpoint = False  # False: save when val WER improves (or at the end if never)
 init_from = 'scratch'  # 'scratch', 'resume', or a path: Whisper weights or our checkpoint
-student_layers = 0  # > 0: train whisper_io.make_student(<init_from model>, student_layers)
-freeze_encoder = True  # for the student: its encoder stays the teacher's
-freeze_embeddings = False  # for the student: token (= tied output) and position embeddings too
+student_layers = 0  # > 0: train whisper_io.make_student(<init_from model>): its encoder frozen
+freeze_embeddings = False  # token (= tied output) and position embeddings frozen too
 encoder_cache_dir = ''  # a frozen encoder's outputs per clip kept here (Whisper's 30-s window only)
 # data
 train_manifest = 'data/synth_grammar/train.jsonl'
 val_manifest = 'data/synth_grammar/val.jsonl'
 test_manifest = ''  # evaluated at the end of training if set
-tokenizer_path = ''  # from scratch: '' trains a SentencePiece model; or a .model file / a ckpt.pt
 vocab_size = 256
 lowercase = True  # lower-case the texts before tokenizing
 batch_size = 32  # utterances per micro-batch (per process) ...
@@ -153,17 +151,12 @@ if init_from == 'resume':
         fail(f"init_from='resume' but {ckpt_path} does not exist")
     model, tokenizer, checkpoint = evaluate.load_checkpoint(ckpt_path)
     frozen = checkpoint.get('frozen', [])
-elif init_from == 'scratch':
-    if tokenizer_path.endswith('.model'):
-        tokenizer = data.SentencePieceTokenizer(open(tokenizer_path, 'rb').read())
-    elif tokenizer_path:
-        tokenizer = evaluate.load_checkpoint(tokenizer_path)[1]
-    else:  # rank 0 trains it, the others receive it
-        texts = [r['text'] for r in train_rows if r.get('text')]
-        obj = [data.SentencePieceTokenizer.train(texts, vocab_size).to_dict() if master else None]
-        if ddp:
-            dist.broadcast_object_list(obj, src=0)
-        tokenizer = whisper_io.tokenizer_from_dict(obj[0])
+elif init_from == 'scratch':  # a SentencePiece model of the training texts: rank 0 trains it
+    texts = [r['text'] for r in train_rows if r.get('text')]
+    obj = [data.SentencePieceTokenizer.train(texts, vocab_size).to_dict() if master else None]
+    if ddp:
+        dist.broadcast_object_list(obj, src=0)
+    tokenizer = whisper_io.tokenizer_from_dict(obj[0])
     model = Whisper(ModelDimensions(n_mels, n_audio_ctx, n_audio_state, n_audio_head, n_audio_layer,
                                     tokenizer.n_vocab, n_text_ctx, n_text_state, n_text_head,
                                     n_text_layer, conv_stride, ctc_weight > 0, dropout))
@@ -171,7 +164,7 @@ else:
     model, tokenizer, ckpt = evaluate.load_checkpoint(init_from)
     frozen = (ckpt or {}).get('frozen', [])  # a student's base row keeps its frozen parts
     if student_layers > 0:
-        model = whisper_io.make_student(model, student_layers, freeze_encoder=freeze_encoder)
+        model = whisper_io.make_student(model, student_layers)
     if model.dims.dropout != dropout:  # a module attribute, fixed at construction
         weights = model.state_dict()
         grads = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -344,11 +337,6 @@ def save_checkpoint():
     os.replace(ckpt_path + '.tmp', ckpt_path)
     print(f"saved checkpoint to {ckpt_path}")
 
-def print_test(res):
-    print(f"test {res['metric'].upper()} {100 * res['wer']:.2f}% (N {res['n']}, S {res['s']}, "
-          f"D {res['d']}, "
-          f"I {res['i']}, {res['utterances']} utts, RTFx {res['rtfx']:.1f})")
-
 if master:
     print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters "
           f"({raw_model.get_num_params('encoder') / 1e6:.2f}M encoder, "
@@ -361,17 +349,15 @@ if eval_only:
         res = run_eval(val_rows, val_batches)
         print(f"val: loss {res['loss']:.4f}, WER {100 * res['wer']:.2f}%")
         if test_manifest:
-            print_test(run_eval(load_rows(test_manifest))['report'])
+            evaluate.print_table(run_eval(load_rows(test_manifest))['report'])
     if ddp:
         dist.destroy_process_group()
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
 # training loop
-t_start = time.time()
-start_iter = iter_num
-saved, time_up = False, False
-t0 = time.time()
+t_start = t0 = time.time()
+start_iter, saved, time_up = iter_num, False, False
 model.train()
 while True:
     lr = get_lr(iter_num)
@@ -456,7 +442,7 @@ while True:
 # the end: evaluate the final weights on test
 if master and test_manifest:
     res = run_eval(load_rows(test_manifest))['report']
-    print_test(res)
+    evaluate.print_table(res)
     log_json({'iter': iter_num, 'test_wer': res['wer'], 'minutes': (time.time() - t_start) / 60})
 if ddp:
     dist.barrier()  # wait for the master's checkpoint and test table before tearing the group down

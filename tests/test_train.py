@@ -43,7 +43,7 @@ def log(out_dir, key='loss'):
 def test_train_writes_checkpoint_that_evaluate_reads(train_corpus, tmp_path):
     out = tmp_path / 'out'
     p = run(tiny(train_corpus, out, eval_interval=2, ctc_weight=0.3, conv_stride=4, spec_augment=True,
-                 always_save_checkpoint=True,
+                 always_save_checkpoint=True, batch_seconds=8.0,
                  test_manifest=f'{train_corpus}/test.jsonl'))
     assert 'iter 4: loss' in p.stdout and 'val WER' in p.stdout and 'audio-s/s' in p.stdout
     assert 'WER' in p.stdout.split('saved checkpoint')[-1]  # the test table at the end
