@@ -2,7 +2,7 @@
 The paper's Table 1 in miniature, on real Whisper weights (CPU is enough):
 
     python demo.py                      # the full demo: Whisper base teacher, espeak-ng corpus
-    python demo.py --small=True         # a ~3-minute smoke run (tiny corpus, a few steps per row)
+    python demo.py --small=True         # a smoke run: tiny corpus, a few steps per row (plumbing)
     python demo.py --rows=base,opd      # some rows only; later rows reuse earlier rows' checkpoints
     python demo.py --seed=1             # another training seed (same corpus) -> out/demo_seed1/
 
@@ -46,10 +46,11 @@ CORPUS_SEED = 1337
 # audio of the later rows; token_noise for the supervised rows (base, td)
 FULL = dict(corpus='data/synth_fortunes', n_train=3000, n_val=50, n_test=200, label_frac=0.03,
             n_unlabeled=1000, sft_iters=450, sft_lr=2e-4, sft_eval=50, sft_batch_size=8,
-            token_noise=0.3, iters=110, lr=1e-4, batch_size=16, warmup=5, val_max_utts=50, speed_utts=16)
-SMALL = dict(FULL, corpus='data/synth_fortunes_small', n_train=30, n_val=4, n_test=10, label_frac=0.10,
-             n_unlabeled=27, sft_iters=12, sft_eval=6, sft_batch_size=4, iters=3, batch_size=4, warmup=1,
-             val_max_utts=4, speed_utts=4)
+            token_noise=0.3, iters=110, lr=1e-4, batch_size=16, warmup=5, val_max_utts=50,
+            speed_utts=16)
+SMALL = dict(FULL, corpus='data/synth_fortunes_small', n_train=30, n_val=4, n_test=10,
+             label_frac=0.10, n_unlabeled=27, sft_iters=12, sft_eval=6, sft_batch_size=4, iters=3,
+             batch_size=4, warmup=1, val_max_utts=4, speed_utts=4)
 cfg = SMALL if small else FULL
 out = 'out/demo' + ('_small' if small else '') + (f'_seed{seed}' if seed != 1337 else '')
 want = [r for r in rows.split(',') if r]
@@ -62,25 +63,30 @@ def prepare_data():
         sys.exit(f"demo.py: error: {synth.FORTUNES} not found: run `bash setup.sh` first")
     whisper_io.assemble_weights('weights')
     if not os.path.exists(os.path.join(cfg['corpus'], 'test.jsonl')):
-        synth.synth_corpus(cfg['corpus'], text='fortunes', n_train=cfg['n_train'], n_val=cfg['n_val'],
-                          n_test=cfg['n_test'], holdout_voices=2, seed=CORPUS_SEED)
+        synth.synth_corpus(cfg['corpus'], text='fortunes', n_train=cfg['n_train'],
+                           n_val=cfg['n_val'], n_test=cfg['n_test'], holdout_voices=2,
+                           seed=CORPUS_SEED)
     train = data.read_manifest(os.path.join(cfg['corpus'], 'train.jsonl'))
     n_lab = max(1, int(cfg['label_frac'] * len(train)))
-    unlabeled = [{k: v for k, v in r.items() if k != 'text'} for r in train[n_lab:n_lab + cfg['n_unlabeled']]]
-    paths = {'labeled': os.path.join(out, 'labeled.jsonl'), 'unlabeled': os.path.join(out, 'unlabeled.jsonl'),
-             'val': os.path.join(cfg['corpus'], 'val.jsonl'), 'test': os.path.join(cfg['corpus'], 'test.jsonl')}
+    rest = train[n_lab:n_lab + cfg['n_unlabeled']]
+    unlabeled = [{k: v for k, v in r.items() if k != 'text'} for r in rest]
+    paths = {'labeled': os.path.join(out, 'labeled.jsonl'),
+             'unlabeled': os.path.join(out, 'unlabeled.jsonl'),
+             'val': os.path.join(cfg['corpus'], 'val.jsonl'),
+             'test': os.path.join(cfg['corpus'], 'test.jsonl')}
     data.write_manifest(paths['labeled'], train[:n_lab])
     data.write_manifest(paths['unlabeled'], unlabeled)
     print(f"demo data: {n_lab} labeled + {len(unlabeled)} unlabeled train utterances -> {out}")
     return paths
 
 def encode_all(paths):
-    """Stage 'encode': base's frozen encoder once per clip (bf16 autocast), kept on disk (float16)."""
+    """Stage 'encode': base's frozen encoder once per clip (bf16 autocast), kept on disk
+    (float16)."""
     model = evaluate.load_checkpoint('weights/base')[0]
     cache = evaluate.EncoderCache(model.encoder, CACHE_DIR, torch.autocast('cpu', torch.bfloat16))
     for name in ('labeled', 'unlabeled', 'val', 'test'):
-        for batch in data.Batches(data.read_manifest(paths[name]), None, batch_size=8, n_frames=data.N_FRAMES,
-                                  shuffle=False):
+        for batch in data.Batches(data.read_manifest(paths[name]), None, batch_size=8,
+                                  n_frames=data.N_FRAMES, shuffle=False):
             cache(batch['mel'], batch['audio'])
     return cache
 
@@ -91,48 +97,59 @@ def run(script, **kw):
         sys.exit(f"demo.py: error: {script} failed")
 
 def teacher_labels(paths, cache, path):
-    """The teacher's greedy transcripts of the unlabeled clips; those that do not end are dropped."""
+    """The teacher's greedy transcripts of the unlabeled clips; those that do not end are
+    dropped."""
     model, tok, _ = evaluate.load_checkpoint('weights/base')
     rows = data.read_manifest(paths['unlabeled'])
-    tokens, ended = evaluate.decode(model, tok, rows, batch_size=16, encode=cache, max_new_tokens=64)
+    tokens, ended = evaluate.decode(model, tok, rows, batch_size=16, encode=cache,
+                                    max_new_tokens=64)
     kept = [dict(r, text=tok.decode(t).strip()) for r, t, e in zip(rows, tokens, ended) if e and t]
     data.write_manifest(path, [r for r in kept if r['text']])
     print(f"teacher transcripts: kept {len(kept)} of {len(rows)} -> {path}")
 
 def train_row(row, paths, cache):
-    """Run one student row (train.py or distill.py) unless its checkpoint exists; its wall seconds."""
+    """Run one student row (train.py or distill.py) unless its checkpoint exists; its wall
+    seconds."""
     rdir = os.path.join(out, row)
-    if os.path.exists(os.path.join(rdir, 'ckpt.pt')) and os.path.exists(os.path.join(rdir, 'summary.json')):
+    if (os.path.exists(os.path.join(rdir, 'ckpt.pt'))
+            and os.path.exists(os.path.join(rdir, 'summary.json'))):
         print(f"{row}: reusing {rdir}/ckpt.pt")
         return json.load(open(os.path.join(rdir, 'summary.json')))
     init = os.path.join(out, 'td' if row == 'td_opd' else 'base', 'ckpt.pt')
     if row != 'base' and not os.path.exists(init):
-        sys.exit(f"demo.py: error: {row} needs {init}: run --rows={'td' if row == 'td_opd' else 'base'} first")
+        prev = 'td' if row == 'td_opd' else 'base'
+        sys.exit(f"demo.py: error: {row} needs {init}: run --rows={prev} first")
     if os.path.exists(os.path.join(rdir, 'log.jsonl')):
         os.remove(os.path.join(rdir, 'log.jsonl'))
     common = dict(out_dir=rdir, encoder_cache_dir=CACHE_DIR, val_manifest=paths['val'], seed=seed,
                   val_max_utts=cfg['val_max_utts'], eval_batch_size=32, log_interval=5)
-    supervised = dict(common, lowercase=False, cpu_bf16=True, weight_decay=0.005, beta2=0.95, min_lr=1e-5,
-                      token_noise=cfg['token_noise'])
+    supervised = dict(common, lowercase=False, cpu_bf16=True, weight_decay=0.005, beta2=0.95,
+                      min_lr=1e-5, token_noise=cfg['token_noise'])
     unlabeled = dict(common, init_from=init, max_iters=cfg['iters'], learning_rate=cfg['lr'],
-                     warmup_iters=cfg['warmup'], batch_size=cfg['batch_size'], always_save_checkpoint=True)
+                     warmup_iters=cfg['warmup'], batch_size=cfg['batch_size'],
+                     always_save_checkpoint=True)
     t0 = time.time()
     if row == 'base':  # the labeled few; dropout, and the best val WER's weights (it overfits fast)
-        run('train.py', **supervised, init_from='weights/base', student_layers=2, freeze_embeddings=True,
-            train_manifest=paths['labeled'], max_iters=cfg['sft_iters'], learning_rate=cfg['sft_lr'],
-            warmup_iters=10, dropout=0.1, eval_interval=cfg['sft_eval'], batch_size=cfg['sft_batch_size'])
+        run('train.py', **supervised, init_from='weights/base', student_layers=2,
+            freeze_embeddings=True, train_manifest=paths['labeled'], max_iters=cfg['sft_iters'],
+            learning_rate=cfg['sft_lr'], warmup_iters=10, dropout=0.1,
+            eval_interval=cfg['sft_eval'], batch_size=cfg['sft_batch_size'])
     elif row == 'td':  # supervised like base, on the teacher's transcripts; the last weights
         labels = os.path.join(rdir, 'teacher_labels.jsonl')
         teacher_labels(paths, cache, labels)
-        run('train.py', **dict(supervised, **unlabeled), train_manifest=labels, eval_interval=10 ** 6)
-    else:  # OPD rows: the audio only; a rollout cut at a repeated 4-gram is trained away from the loop
+        run('train.py', **dict(supervised, **unlabeled), train_manifest=labels,
+            eval_interval=10 ** 6)
+    else:  # OPD rows: the audio only
+        # a rollout cut at a repeated 4-gram is trained away from the loop
         loss = dict(loss='rkl', temperature=1.0) if row == 'opd_rkl' else {}
-        run('distill.py', **unlabeled, **loss, teacher_path='weights/base', train_manifest=paths['unlabeled'],
-            eval_interval=0, ngram_stop=4, loop_unlikelihood=3.0)
-    summary = {'wall_s': time.time() - t0, 'ckpt': os.path.join(rdir, 'ckpt.pt'), 'vuss_log': vuss_of(rdir)}
+        run('distill.py', **unlabeled, **loss, teacher_path='weights/base',
+            train_manifest=paths['unlabeled'], eval_interval=0, ngram_stop=4, loop_unlikelihood=3.0)
+    summary = {'wall_s': time.time() - t0, 'ckpt': os.path.join(rdir, 'ckpt.pt'),
+               'vuss_log': vuss_of(rdir)}
     with open(os.path.join(rdir, 'log.jsonl')) as f:
         log = [json.loads(line) for line in f]
-    summary.update({k: v for r in log for k, v in r.items()})  # the last value of every logged field
+    # the last value of every logged field
+    summary.update({k: v for r in log for k, v in r.items()})
     if row in ('opd', 'td_opd'):  # the distilled students in openai-whisper's format too
         model, tok, _ = evaluate.load_checkpoint(summary['ckpt'])
         summary['whisper_pt'] = os.path.join(rdir, 'whisper.pt')
@@ -161,7 +178,8 @@ def fallback(model, tok, rows, cache, hyps, threshold=2.4, temperatures=(0.2, 0.
         redone += 1
         g = torch.Generator().manual_seed(i)
         for T in temperatures:
-            tokens, _ = evaluate.decode(model, tok, [rows[i]], encode=cache, temperature=T, generator=g)
+            tokens, _ = evaluate.decode(model, tok, [rows[i]], encode=cache, temperature=T,
+                                        generator=g)
             out[i] = tok.decode(tokens[0]).strip()
             if compression_ratio(out[i]) <= threshold:
                 break
@@ -170,7 +188,8 @@ def fallback(model, tok, rows, cache, hyps, threshold=2.4, temperatures=(0.2, 0.
 SCORES = ('wer', 's', 'd', 'i', 'n', 'median_utt_wer')  # kept of the bounded and fallback scorings
 
 def row_path(row):
-    return {'teacher': 'weights/base', 'tiny_en': 'weights/tiny.en'}.get(row, os.path.join(out, row, 'ckpt.pt'))
+    refs = {'teacher': 'weights/base', 'tiny_en': 'weights/tiny.en'}
+    return refs.get(row, os.path.join(out, row, 'ckpt.pt'))
 
 def evaluate_row(row, test_rows, cache):
     """Test WER greedy; the base-encoder rows decode from the cached encoder outputs and are also
@@ -178,24 +197,29 @@ def evaluate_row(row, test_rows, cache):
     (words, errors) for the bootstrap."""
     model, tok, _ = evaluate.load_checkpoint(row_path(row))
     t0 = time.time()
-    tokens, _ = evaluate.decode(model, tok, test_rows, batch_size=16, encode=None if row == 'tiny_en' else cache)
+    tokens, _ = evaluate.decode(model, tok, test_rows, batch_size=16,
+                                encode=None if row == 'tiny_en' else cache)
     hyps = [tok.decode(t).strip() for t in tokens]
     wall = time.time() - t0
     res = evaluate.report(test_rows, hyps, wall)
     res.update(eval_wall_s=wall, params=model.get_num_params(),
                decode='transcribe' if row == 'tiny_en' else 'cached_encoder')
-    line = f"{row}: WER {100 * res['wer']:.2f}% (S {res['s']} D {res['d']} I {res['i']} of {res['n']})"
+    line = (f"{row}: WER {100 * res['wer']:.2f}% "
+            f"(S {res['s']} D {res['d']} I {res['i']} of {res['n']})")
     if row != 'tiny_en':
         bounds = distill.length_bounds([r['duration'] for r in test_rows])
-        b = evaluate.report(test_rows, [tok.decode(t[:n]).strip() for t, n in zip(tokens, bounds)], wall)
+        cut = [tok.decode(t[:n]).strip() for t, n in zip(tokens, bounds)]
+        b = evaluate.report(test_rows, cut, wall)
         over = sum(len(t) > n for t, n in zip(tokens, bounds))
         res['bounded'] = dict({k: b[k] for k in SCORES}, utts_past_bound=over)
         fb, redone = fallback(model, tok, test_rows, cache, hyps)
         f = evaluate.report(test_rows, fb, wall)
         res['fallback'] = dict({k: f[k] for k in SCORES}, redone=redone)
-        line += f"; cut at bound {100 * b['wer']:.2f}% ({over} past it); fallback {100 * f['wer']:.2f}% ({redone})"
+        line += (f"; cut at bound {100 * b['wer']:.2f}% ({over} past it); "
+                 f"fallback {100 * f['wer']:.2f}% ({redone})")
     print(line, flush=True)
-    per_utt = evaluate.score([r['text'] for r in test_rows], hyps, 'word', 'en', per_utt=True)['utts']
+    per_utt = evaluate.score([r['text'] for r in test_rows], hyps, 'word', 'en',
+                             per_utt=True)['utts']
     return res, [(n, s + d + i) for n, s, d, i in per_utt]
 
 def gap_interval(utts, row, n_boot=2000):
@@ -209,7 +233,9 @@ def gap_interval(utts, row, n_boot=2000):
         if w['base'] != w['teacher']:
             closed.append((w['base'] - w[row]) / (w['base'] - w['teacher']))
     closed.sort()
-    return [closed[int(0.025 * len(closed))], closed[int(0.975 * len(closed)) - 1]] if closed else None
+    if not closed:
+        return None
+    return [closed[int(0.025 * len(closed))], closed[int(0.975 * len(closed)) - 1]]
 
 def measure_speed(student_row, test_rows, cache):
     """Greedy decode speed of student and teacher back to back: RTFx of evaluate.transcribe
@@ -224,14 +250,16 @@ def measure_speed(student_row, test_rows, cache):
         speed[f'{name}_rtfx'], speed[f'{name}_wall_s'] = res['rtfx'], time.time() - t0
         t0 = time.time()
         tokens, ended = evaluate.decode(model, tok, test_rows, batch_size=16, encode=cache)
-        speed[f'{name}_decoder_ms_per_token'] = 1000 * (time.time() - t0) / (sum(map(len, tokens)) + sum(ended))
+        ms = 1000 * (time.time() - t0)
+        speed[f'{name}_decoder_ms_per_token'] = ms / (sum(map(len, tokens)) + sum(ended))
     speed['speedup'] = speed['student_rtfx'] / speed['teacher_rtfx']
-    speed['decoder_speedup'] = speed['teacher_decoder_ms_per_token'] / speed['student_decoder_ms_per_token']
+    speed['decoder_speedup'] = (speed['teacher_decoder_ms_per_token']
+                                / speed['student_decoder_ms_per_token'])
     return speed
 
 def print_table(results, utts):
-    print(f"\n{'row':<9} {'WER%':>7} {'S':>5} {'D':>5} {'I':>5} {'N':>5} {'med%':>6} {'bound%':>7} {'loops':>5} "
-          f"{'fallb%':>7} {'VUSS':>6} {'train_s':>8}")
+    print(f"\n{'row':<9} {'WER%':>7} {'S':>5} {'D':>5} {'I':>5} {'N':>5} {'med%':>6} "
+          f"{'bound%':>7} {'loops':>5} {'fallb%':>7} {'VUSS':>6} {'train_s':>8}")
     for row in REF_ROWS + STUDENT_ROWS:
         r = results.get(row)
         if not r or 'wer' not in r:
@@ -239,7 +267,8 @@ def print_table(results, utts):
         vuss = f"{r['vuss']['mean']:.2f}" if r.get('vuss') else '-'
         train_s = f"{r['train_wall_s']:.0f}" if r.get('train_wall_s') is not None else '-'
         bd, fb = r.get('bounded'), r.get('fallback')
-        bounded = f"{100 * bd['wer']:7.2f} {bd['utts_past_bound']:5d}" if bd else f"{'-':>7} {'-':>5}"
+        bounded = (f"{100 * bd['wer']:7.2f} {bd['utts_past_bound']:5d}" if bd
+                   else f"{'-':>7} {'-':>5}")
         fallb = f"{100 * fb['wer']:7.2f}" if fb else f"{'-':>7}"
         print(f"{row:<9} {100 * r['wer']:7.2f} {r['s']:5d} {r['d']:5d} {r['i']:5d} {r['n']:5d} "
               f"{100 * r['median_utt_wer']:6.1f} {bounded} {fallb} {vuss:>6} "
@@ -247,7 +276,8 @@ def print_table(results, utts):
     b, t, closes, intervals = results.get('base'), results.get('teacher'), {}, {}
     views = (('', '', lambda r: r.get('wer')),
              ('_bounded', ' (cut at the length bound)', lambda r: r.get('bounded', {}).get('wer')),
-             ('_fallback', " (with Whisper's fallback)", lambda r: r.get('fallback', {}).get('wer')))
+             ('_fallback', " (with Whisper's fallback)",
+              lambda r: r.get('fallback', {}).get('wer')))
     for key, name, get in views:
         if not (b and t and get(b) is not None and get(t) is not None and get(b) != get(t)):
             continue
@@ -257,8 +287,10 @@ def print_table(results, utts):
                 ci = ''
                 if not key and row in utts:
                     intervals[row] = gap_interval(utts, row)
-                    ci = f" (95% paired bootstrap {100 * intervals[row][0]:.0f}% .. {100 * intervals[row][1]:.0f}%)"
-                print(f"{row}: closes {100 * closes[row + key]:.0f}% of the base -> teacher gap{name}{ci}")
+                    ci = (f" (95% paired bootstrap {100 * intervals[row][0]:.0f}% .. "
+                          f"{100 * intervals[row][1]:.0f}%)")
+                print(f"{row}: closes {100 * closes[row + key]:.0f}% of the base -> teacher "
+                      f"gap{name}{ci}")
     return closes, intervals
 
 def plot(results):
@@ -272,7 +304,8 @@ def plot(results):
         return
     names = [r for r in REF_ROWS + STUDENT_ROWS if results.get(r, {}).get('wer') is not None]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-    ax[0].bar(names, [100 * results[r]['wer'] for r in names], color=['C1' if r in REF_ROWS else 'C0' for r in names])
+    ax[0].bar(names, [100 * results[r]['wer'] for r in names],
+              color=['C1' if r in REF_ROWS else 'C0' for r in names])
     ax[0].set_ylabel('test WER (%)')
     ax[0].tick_params(axis='x', rotation=30)
     for row in ('opd', 'opd_rkl', 'td_opd'):
@@ -304,8 +337,8 @@ if __name__ == '__main__':
         if row in want:
             s = train_row(row, paths, cache)
             stages[f'train_{row}'] = s['wall_s']
-            results[row] = {'train_wall_s': s['wall_s'], 'train_iters': s.get('iter'), 'vuss': s['vuss_log'],
-                            'summary': s}
+            results[row] = {'train_wall_s': s['wall_s'], 'train_iters': s.get('iter'),
+                            'vuss': s['vuss_log'], 'summary': s}
     test_rows = data.read_manifest(paths['test'])
     utts = {}
     for row in REF_ROWS + STUDENT_ROWS:
@@ -315,7 +348,8 @@ if __name__ == '__main__':
             stages[f'eval_{row}'] = time.time() - t0
             res.pop('utts')  # per-utterance transcripts stay out of the table file
             results[row] = dict(results.get(row, {}), **res)
-    student = next((r for r in ('opd', 'td_opd', 'base') if r in want and os.path.exists(row_path(r))), None)
+    student = next((r for r in ('opd', 'td_opd', 'base')
+                    if r in want and os.path.exists(row_path(r))), None)
     if student and 'teacher' in want:
         t0 = time.time()
         results['speed'] = measure_speed(student, test_rows[:cfg['speed_utts']], cache)
@@ -326,9 +360,10 @@ if __name__ == '__main__':
     results['gap_closed'], results['gap_closed_ci95'] = print_table(results, utts)
     if 'speed' in results:
         sp = results['speed']
-        print(f"greedy decode speed ({sp['utterances']} utts, encoder included): {sp['student_row']} RTFx "
-              f"{sp['student_rtfx']:.1f} vs teacher {sp['teacher_rtfx']:.1f} ({sp['speedup']:.2f}x); decoder "
-              f"alone {sp['decoder_speedup']:.2f}x")
+        print(f"greedy decode speed ({sp['utterances']} utts, encoder included): "
+              f"{sp['student_row']} RTFx {sp['student_rtfx']:.1f} vs teacher "
+              f"{sp['teacher_rtfx']:.1f} ({sp['speedup']:.2f}x); decoder alone "
+              f"{sp['decoder_speedup']:.2f}x")
     print('stage seconds: ' + ', '.join(f"{k} {v:.0f}" for k, v in stages.items()))
     with open(results_path + '.tmp', 'w') as f:
         json.dump(results, f, indent=1, default=str)

@@ -245,17 +245,20 @@ def opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts, durations, gen
     with torch.no_grad(), amp(dev, teacher_bf16):
         lp_t = masked_log_softmax(teacher.decoder(tokens, xa_t)[mask], tok.suppress)
     t2 = now(dev)
-    # 3. student re-scores the same tokens with gradients, and 4. the per-position divergence
     if union_only:
-        # Equal to opd_loss(lp_s, ...) on the full log-probabilities (tests/test_distill.py): the
-        # renormalisation on U_t cancels log Z, so only the logits of the 2k ids of U_t are needed.
+        # 3. student re-scores the same tokens, with gradients: only the logits of U_t's 2k ids.
+        # Renormalising on U_t cancels log Z, so this equals opd_loss on full log-probabilities
+        # (tests/test_distill.py checks the loss and the gradients)
         union, valid, dup = union_support(torch.cat(top_s).to(lp_t.device), lp_t, k)
         with amp(dev, student_bf16):
             s_u = rescore(tokens, xa_s, select=mask, ids=union)
+        # 4. union top-k forward KL per position
         per_pos, ok = topk_union_kl(s_u, lp_t.gather(1, union), valid)
     else:
+        # 3. student re-scores, with gradients: full masked log-probabilities (N, V)
         with amp(dev, student_bf16):
             lp_s = masked_log_softmax(rescore(tokens, xa_s)[mask], tok.suppress)
+        # 4. the chosen divergence per position (opd_loss)
         per_pos, ok = opd_loss(lp_s, lp_t, x, loss, k)
         _, valid, dup = union_support(lp_s.detach().topk(k, dim=-1).indices, lp_t, k)  # for VUSS
     # anti-loop (off unless loop_unlikelihood > 0): where the rollout repeated an n-gram, the
@@ -276,8 +279,8 @@ def opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts, durations, gen
     # steps the full-vocabulary KLs (one more student forward for topk_union)
     stats = dict(vuss=valid.sum().item(), overlap=dup.float().mean(1).sum().item(),
                  positions=len(x), rollout_len=sum(map(len, seqs)), ended=sum(ended),
-                 rollouts=len(seqs),
-                 looped=loops.any(1).sum().item(), t_rollout=t1 - t0, t_teacher=t2 - t1)
+                 rollouts=len(seqs), looped=loops.any(1).sum().item(), t_rollout=t1 - t0,
+                 t_teacher=t2 - t1)
     if full_diag:
         with torch.no_grad():
             if union_only:
