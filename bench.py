@@ -145,9 +145,8 @@ def bench_opd(teacher_path='weights/base', manifest='data/synth_grammar/train.js
     student.decoder.token_embedding.requires_grad_(False)
     student.decoder.positional_embedding.requires_grad_(False)
     student.to(device).train()
-    whisper = teacher.dims.n_audio_ctx == 1500 and tok.to_dict()['kind'] == 'whisper'
     rows = data.read_manifest(manifest)[:batch_size]
-    n_frames = data.N_FRAMES if whisper else None
+    n_frames = evaluate.whisper_frames(teacher, tok)
     batch = data.Batches(rows, tok, batch_size=batch_size, n_frames=n_frames,
                          shuffle=False).collate(list(range(len(rows))))
     prompts = [tok.sot_sequence(r.get('lang')) for r in rows]

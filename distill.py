@@ -339,8 +339,7 @@ def main():
     student.to(dev).train()
     if student.dims.n_vocab != teacher.dims.n_vocab:
         fail(f"student vocab {student.dims.n_vocab} != teacher vocab {teacher.dims.n_vocab}")
-    whisper = student.dims.n_audio_ctx == 1500 and tok.to_dict()['kind'] == 'whisper'
-    n_frames = data.N_FRAMES if whisper else None  # Whisper weights only know 30-s windows
+    n_frames = evaluate.whisper_frames(student, tok)  # 3000 for Whisper weights, else None
     sd_s, sd_t = student.encoder.state_dict(), teacher.encoder.state_dict()
     shared = sd_s.keys() == sd_t.keys() and all(torch.equal(sd_s[k], sd_t[k]) for k in sd_s)
     def encoder_of(model):  # frozen: each clip's outputs cached when every mel has the same length

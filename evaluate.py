@@ -101,6 +101,12 @@ class EncoderCache:
 # -----------------------------------------------------------------------------
 # decoding
 
+def whisper_frames(model, tokenizer):
+    """Whisper weights (n_audio_ctx 1500, a Whisper tokenizer) only know 30-s windows: 3000 mel
+    frames; None for our models (mels padded to the longest in the batch)."""
+    whisper = model.dims.n_audio_ctx == 1500 and isinstance(tokenizer, whisper_io.WhisperTokenizer)
+    return data.N_FRAMES if whisper else None
+
 def _duration(row):
     if row.get("duration") is not None:
         return float(row["duration"])
@@ -121,8 +127,7 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
     say); by default model.encoder(mel)."""
     if beam > 1 and temperature > 0:
         raise ValueError("decode: beam search or sampling, not both")
-    whisper = model.dims.n_audio_ctx == 1500 and isinstance(tokenizer, whisper_io.WhisperTokenizer)
-    n_frames = n_frames or (data.N_FRAMES if whisper else None)
+    n_frames = n_frames or whisper_frames(model, tokenizer)
     if max_new_tokens is None:
         max_new_tokens = model.dims.n_text_ctx // 2  # Whisper's sample_len
     encode = encode or (lambda mel, paths: model.encoder(mel))

@@ -185,8 +185,7 @@ for n, p in model.named_parameters():
 dims = model.dims
 if ctc_weight > 0 and model.ctc_head is None:
     fail("ctc_weight > 0 but the checkpoint has no CTC head")
-whisper = dims.n_audio_ctx == 1500 and tokenizer.to_dict()['kind'] == 'whisper'
-n_frames = data.N_FRAMES if whisper else None  # Whisper weights only know 30-s windows
+n_frames = evaluate.whisper_frames(model, tokenizer)  # 3000 for Whisper weights, else None
 model.to(device)
 # a frozen encoder on fixed-length mels: its outputs are computed once per clip (and kept on disk)
 enc_frozen = not any(p.requires_grad for p in model.encoder.parameters())

@@ -31,3 +31,12 @@ def tiny_tokenizer(tiny_corpus):
     from data import SentencePieceTokenizer, read_manifest
     rows = read_manifest(os.path.join(tiny_corpus, 'train.jsonl'))
     return SentencePieceTokenizer.train([r['text'] for r in rows], vocab_size=64)
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (2 shared cores: a second OpenMP thread only spins)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,12 +23,7 @@ TOK = SimpleNamespace(eot=EOT, sot=SOT, suppress=[SOT, 2], suppress_blank=[EOT],
                       sot_sequence=lambda language=None: [SOT])
 LOSSES = ['topk_union', 'fkl', 'rkl', 'jsd', 'pg']
 
-@pytest.fixture(autouse=True)
-def one_thread():  # 2 shared cores: a second OpenMP thread only spins
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 @pytest.fixture(autouse=True)
 def cfg(monkeypatch):

@@ -18,12 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["the cat sat on the mat", "twenty one dogs ran home", None]
 MORE = ["a bird in the hand", "seven red boats"]  # for the order test: more distinct rows
 
-@pytest.fixture(autouse=True)
-def one_thread():  # 2 shared cores: a second OpenMP thread only spins
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
