@@ -2,9 +2,10 @@
 Poor man's configurator, after nanoGPT. Run as:
 $ python train.py config/override_file.py --batch_size=32
 The calling script exec's it, so it overrides that script's globals: a config file is plain Python
-assigning globals; each --key=value is parsed with literal_eval (else it is a string) and must
-name an existing global of the same type (an int is accepted where a float is expected).
+assigning globals; each --key=value is parsed with literal_eval (else it is a string). Either way a
+key must name an existing global and keep its type (an int is accepted where a float is expected).
 """
+import builtins  # the scripts have a `compile` global (torch.compile on or off)
 import sys
 from ast import literal_eval
 
@@ -24,10 +25,22 @@ for arg in sys.argv[1:]:
         print(f"Overriding config with {arg}:")
         print(config_source)
         _before = dict(globals())
-        exec(config_source)
+        try:
+            exec(builtins.compile(config_source, arg, 'exec'))
+        except SyntaxError as e:
+            _config_fail(f"{arg}:{e.lineno}: syntax error ({e.msg})")
+        except Exception as e:
+            _config_fail(f"{arg}: {type(e).__name__}: {e}")
         unknown = [k for k in globals() if k not in _before and not k.startswith('_')]
         if unknown:
             _config_fail(f"{arg}: unknown config key(s) {', '.join(unknown)}")
+        for key, current in _before.items():  # the same types as the defaults, as for --key=value
+            value = globals()[key]
+            if isinstance(current, float) and type(value) is int:
+                globals()[key] = value = float(value)
+            if isinstance(current, (bool, int, float, str)) and type(value) != type(current):
+                _config_fail(f"{arg}: {key} = {value!r}: expected {type(current).__name__}, "
+                             f"got {type(value).__name__}")
     else:
         # assume it's a --key=value argument
         if not arg.startswith('--'):

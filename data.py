@@ -24,6 +24,7 @@ N_FFT = 400
 HOP_LENGTH = 160
 N_SAMPLES = 30 * SAMPLE_RATE  # Whisper's 30 s window
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000
+MIN_SECONDS = N_FFT / SAMPLE_RATE  # 25 ms: the shortest clip the log-mel takes (one window)
 
 # -----------------------------------------------------------------------------
 # audio
@@ -79,6 +80,9 @@ def load_audio(path, max_seconds=600.0):
         raise ValueError(f"{path}: empty audio (0 samples)")
     if not np.isfinite(x).all():
         raise ValueError(f"{path}: audio contains NaN or inf samples")
+    if len(x) < MIN_SECONDS * sr:
+        raise ValueError(f"{path}: audio is {1000 * len(x) / sr:.1f} ms long, shorter than one "
+                         f"{1000 * MIN_SECONDS:.0f}-ms analysis window")
     return resample(x, sr, SAMPLE_RATE)
 
 # -----------------------------------------------------------------------------
@@ -121,23 +125,27 @@ def log_mel_spectrogram(audio, n_mels=80, padding=0):
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     return (log_spec + 4.0) / 4.0
 
-def whisper_mel(audio, n_mels=80):
-    """What openai-whisper's transcribe() feeds the encoder for a clip under 30 s (3000 frames)."""
-    return log_mel_spectrogram(audio, n_mels, padding=N_SAMPLES)[:, :N_FRAMES]
+def whisper_mel(audio, n_mels=80, n_frames=N_FRAMES):
+    """The features of Whisper's transcribe() (openai-whisper's and faster-whisper's): the log-mel
+    of the whole clip, its len(audio) // 160 frames, then cut or zero-padded to n_frames (None:
+    all of them; transcribe() slices its 30-s windows from these). The LOG-MEL is padded with 0.0,
+    not the audio with zeros (that gives mel.max() - 2, not what Whisper's encoder sees)."""
+    n = len(audio) // HOP_LENGTH  # the frames transcribe() calls content; the last ones see a few
+    mel = log_mel_spectrogram(audio, n_mels, padding=2 * N_FFT)[:, :n]  # zero samples past the end
+    if n_frames is None:
+        return mel
+    return F.pad(mel[:, :n_frames], (0, max(0, n_frames - n)))
 
 def utterance_mel(audio, n_mels=80, n_frames=None):
     """(mel, pad_value, n): one utterance's mel, the value to pad it with, its real frames.
-    Padded to n_frames (3000 for Whisper weights) with pad_value, mel is whisper_mel(audio) up to
-    rounding: zero audio falls below the clamp (max - 8), so Whisper's padding frames all equal
-    mel.max() - 2. mel keeps the 3 frames past n that still see the end of the audio."""
-    n = len(audio) // HOP_LENGTH
+    n_frames None (our models): the log-mel of the audio, padded with mel.max() - 2 (the value of
+    zero audio: the clamp at max - 8). n_frames given (3000 for Whisper weights): Whisper's
+    transcribe() features, whisper_mel's first n <= n_frames frames, padded with 0.0."""
     if n_frames is None:
         mel = log_mel_spectrogram(audio, n_mels)
-    else:  # a few zero samples reproduce the frames that straddle the end of the audio
-        audio = audio[:n_frames * HOP_LENGTH]
-        n = min(n, n_frames)
-        mel = log_mel_spectrogram(audio, n_mels, padding=2 * N_FFT)[:, :min(n + 3, n_frames)]
-    return mel, mel.max().item() - 2.0, n
+        return mel, mel.max().item() - 2.0, len(audio) // HOP_LENGTH
+    mel = whisper_mel(audio, n_mels, None)[:, :n_frames]
+    return mel, 0.0, mel.shape[1]
 
 def spec_augment(mel, mel_lengths, n_freq_masks=2, freq_width=27, n_time_masks=2, time_width=0.05,
                  max_time_width=40, generator=None):
@@ -176,14 +184,21 @@ def token_noise(tokens, targets, frac, generator=None):
 # {"audio": path relative to the manifest, "text": ..., "duration": s, "lang": "en"}
 
 def read_manifest(path):
+    """The rows of a manifest, audio paths made absolute; a ValueError naming file:line if bad."""
     path = str(path)
     root = os.path.dirname(os.path.abspath(path))
     rows = []
-    with open(path, encoding='utf-8') as f:
-        for lineno, line in enumerate(f, 1):
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: manifest not found")
+    with open(path, 'rb') as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -198,6 +213,26 @@ def read_manifest(path):
                     raise ValueError(f"{where}: field \"{key}\" has type {type(row[key]).__name__}")
             row['audio'] = os.path.normpath(os.path.join(root, row['audio']))  # absolute stays
             rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: empty manifest (no rows)")
+    return rows
+
+def check_audio(rows):
+    """Every row's audio header read before any work starts (a missing, unreadable or too short
+    clip is a one-line ValueError naming it, not a failure mid-run); fills in "duration"."""
+    for row in rows:
+        if not os.path.exists(row['audio']):
+            raise ValueError(f"{row['audio']}: file not found")
+        try:
+            info = sf.info(row['audio'])
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise ValueError(f"{row['audio']}: cannot read audio ({reason})") from None
+        if info.frames < MIN_SECONDS * info.samplerate:
+            raise ValueError(f"{row['audio']}: audio is {1000 * info.duration:.1f} ms long, "
+                             f"shorter than one {1000 * MIN_SECONDS:.0f}-ms analysis window")
+        if row.get('duration') is None:
+            row['duration'] = info.duration
     return rows
 
 def write_manifest(path, rows):
@@ -221,6 +256,8 @@ def librispeech_manifest(root, out):
             lines = [line.strip().split(' ', 1) for line in f if line.strip()]
         folder = os.path.dirname(trans)
         rows += [_row(os.path.join(folder, uid + '.flac'), text, 'en') for uid, text in lines]
+    if not rows:
+        raise ValueError(f"{root}: no LibriSpeech transcripts (SPEAKER/CHAPTER/*.trans.txt)")
     write_manifest(out, rows)
     return rows
 
@@ -412,10 +449,13 @@ if __name__ == '__main__':
     if len(sys.argv) == 3 and not sys.argv[1].startswith('--'):
         root, out = sys.argv.pop(1), sys.argv.pop(1)
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    if command == 'librispeech' and root and out:
-        print(f"{len(librispeech_manifest(root, out))} utterances -> {out}")
-    elif command == 'aishell' and root and out:
-        for split, rows in aishell_manifest(root, out).items():
-            print(f"{split}: {len(rows)} utterances")
-    else:
-        sys.exit(_usage)
+    try:
+        if command == 'librispeech' and root and out:
+            print(f"{len(librispeech_manifest(root, out))} utterances -> {out}")
+        elif command == 'aishell' and root and out:
+            for split, rows in aishell_manifest(root, out).items():
+                print(f"{split}: {len(rows)} utterances")
+        else:
+            sys.exit(_usage)
+    except (OSError, ValueError) as e:
+        sys.exit(f"data.py: error: {e}")

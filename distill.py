@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
-from model import Whisper
+from model import Whisper, length_mask
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -102,7 +102,7 @@ def length_bounds(durations):
     return [math.ceil(length_slack + tokens_per_second * d) for d in durations]
 
 @torch.no_grad()
-def rollout(model, xa, prompts, tok, max_lens, topk=0, generator=None, bf16=False):
+def rollout(model, xa, prompts, tok, max_lens, topk=0, generator=None, bf16=False, xa_mask=None):
     """The model transcribes the audio itself (model.generate, dropout off); one call per prompt.
     Returns tokens (no prompt, no EOT), ended (EOT reached) and, with topk, the top-k ids per step.
     bf16 (CPU): the two largest matmuls (cross-attention K/V, output projection) in bf16."""
@@ -118,11 +118,12 @@ def rollout(model, xa, prompts, tok, max_lens, topk=0, generator=None, bf16=Fals
                 kv = model.decoder.cross_kv(xa[idx])
                 kv = {m: (k.float(), v.float()) for m, (k, v) in kv.items()}
             project = model.decoder.token_embedding.weight.detach().to(torch.bfloat16)
+        m = None if xa_mask is None else xa_mask[idx]
         out = model.generate(xa[idx], list(prompt), tok.eot, max_new_tokens=max_new_tokens,
                              suppress=tok.suppress, suppress_blank=tok.suppress_blank,
                              temperature=temperature, max_lens=[max_lens[b] for b in idx],
                              generator=generator, stop_ngram=ngram_stop, topk=topk, kv_cache=kv,
-                             project=project)
+                             project=project, xa_mask=m)
         for j, b in enumerate(idx):
             tokens[b], ended[b] = out.tokens[j], out.ended[j]
             top_ids[b] = out.top_ids[j] if topk else None
@@ -215,8 +216,8 @@ class Rescore(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, xa, select=None, ids=None):
-        x = self.model.decoder(tokens, xa, project=ids is None)
+    def forward(self, tokens, xa, select=None, ids=None, xa_mask=None):
+        x = self.model.decoder(tokens, xa, project=ids is None, xa_mask=xa_mask)
         if ids is None:
             return x
         w = self.model.decoder.token_embedding.weight  # tied output embedding
@@ -228,22 +229,25 @@ def now(device_type):
     return time.perf_counter()
 
 def opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts, durations, generator=None,
-             full_diag=False):
+             full_diag=False, frames=None):
     """Steps 1-4 of one OPD batch on this rank. xa_t / xa_s: the teacher's / student's encoder
-    outputs. Returns (summed per-position loss with grad, positions that count, stats)."""
+    outputs; frames: the real mel frames (B, T) of a padded batch, or None. Returns (summed
+    per-position loss with grad, positions that count, stats)."""
     dev, k = xa_t.device.type, min(topk, student.dims.n_vocab)
+    m_t, m_s = teacher.encoder.frames_mask(frames), student.encoder.frames_mask(frames)
     union_only = loss == 'topk_union'
     t0 = now(dev)
     # 1. rollout: the student's own transcripts, and its top-k ids at every step
     seqs, ended, top_s = rollout(student, xa_s, prompts, tok, length_bounds(durations),
-                                 k if union_only else 0, generator, student_bf16)
+                                 k if union_only else 0, generator, student_bf16, m_s)
     tokens, targets = (t.to(xa_t.device) for t in pack(prompts, seqs, ended, tok.eot))
     mask = targets != -100  # the scored positions: every rollout token, and EOT where it ended
     x = targets[mask]
     t1 = now(dev)
     # 2. teacher scores: one teacher-forced pass, full masked log-probabilities (N, V)
     with torch.no_grad(), amp(dev, teacher_bf16):
-        lp_t = masked_log_softmax(teacher.decoder(tokens, xa_t)[mask], tok.suppress)
+        lp_t = masked_log_softmax(teacher.decoder(tokens, xa_t, xa_mask=m_t)[mask],
+                                  tok.suppress)
     t2 = now(dev)
     if union_only:
         # 3. student re-scores the same tokens, with gradients: only the logits of U_t's 2k ids.
@@ -251,13 +255,13 @@ def opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts, durations, gen
         # (tests/test_distill.py checks the loss and the gradients)
         union, valid, dup = union_support(torch.cat(top_s).to(lp_t.device), lp_t, k)
         with amp(dev, student_bf16):
-            s_u = rescore(tokens, xa_s, select=mask, ids=union)
+            s_u = rescore(tokens, xa_s, select=mask, ids=union, xa_mask=m_s)
         # 4. union top-k forward KL per position
         per_pos, ok = topk_union_kl(s_u, lp_t.gather(1, union), valid)
     else:
         # 3. student re-scores, with gradients: full masked log-probabilities (N, V)
         with amp(dev, student_bf16):
-            lp_s = masked_log_softmax(rescore(tokens, xa_s)[mask], tok.suppress)
+            lp_s = masked_log_softmax(rescore(tokens, xa_s, xa_mask=m_s)[mask], tok.suppress)
         # 4. the chosen divergence per position (opd_loss)
         per_pos, ok = opd_loss(lp_s, lp_t, x, loss, k)
         _, valid, dup = union_support(lp_s.detach().topk(k, dim=-1).indices, lp_t, k)  # for VUSS
@@ -284,7 +288,8 @@ def opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts, durations, gen
     if full_diag:
         with torch.no_grad():
             if union_only:
-                lp_s = masked_log_softmax(student.decoder(tokens, xa_s)[mask], tok.suppress)
+                lp_s = student.decoder(tokens, xa_s, xa_mask=m_s)[mask]
+                lp_s = masked_log_softmax(lp_s, tok.suppress)
             a, b = lp_s.detach().clamp(min=-1e4), lp_t.clamp(min=-1e4)  # masked ids: 0 * 0
             stats.update(kl_st=(a.exp() * (a - b)).sum().item(),
                          kl_ts=(b.exp() * (b - a)).sum().item(), kl_positions=len(x))
@@ -299,9 +304,17 @@ def fail(msg):
 def main():
     if loss not in LOSSES:
         fail(f"loss={loss!r}: expected one of {', '.join(LOSSES)}")
+    for k in ('batch_size', 'eval_batch_size', 'log_interval', 'topk', 'max_new_tokens'):
+        if globals()[k] <= 0:
+            fail(f"{k}={globals()[k]}: must be positive")
+    if max_iters < 0 or learning_rate <= 0 or tau <= 0 or temperature < 0:
+        fail(f"max_iters={max_iters}, learning_rate={learning_rate}, tau={tau}, temperature="
+             f"{temperature}: need max_iters >= 0, learning_rate > 0, tau > 0, temperature >= 0")
     config = {k: globals()[k] for k in config_keys}
     ddp = int(os.environ.get('RANK', -1)) != -1
     dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if dev.startswith('cuda') and not torch.cuda.is_available():
+        fail(f"device={dev!r} but CUDA is not available to torch {torch.__version__}")
     rank, world_size = 0, 1
     if ddp:
         rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
@@ -342,22 +355,25 @@ def main():
     n_frames = evaluate.whisper_frames(student, tok)  # 3000 for Whisper weights, else None
     sd_s, sd_t = student.encoder.state_dict(), teacher.encoder.state_dict()
     shared = sd_s.keys() == sd_t.keys() and all(torch.equal(sd_s[k], sd_t[k]) for k in sd_s)
-    def encoder_of(model):  # frozen: each clip's outputs cached when every mel has the same length
+    def cache_of(model):  # frozen: each clip's outputs cached when every mel has the same length
         if n_frames:
             return evaluate.EncoderCache(model.encoder, encoder_cache_dir, amp(device_type, True))
-        return lambda mel, paths: model.encoder(mel)
-    encode_t = encoder_of(teacher)
-    encode_s = encode_t if shared else encoder_of(student)
+    cache_t = cache_of(teacher)
+    cache_s = cache_t if shared else cache_of(student)
 
     # data: the audio only
     def fits(row):
         n_tok = len(tok.sot_sequence(row.get('lang'))) + max_new_tokens
         return row['duration'] * 100 <= student.dims.n_audio_ctx * student.dims.conv_stride and \
             n_tok <= student.dims.n_text_ctx
-    train_rows = [dict(r, text=None) for r in data.read_manifest(train_manifest) if fits(r)]
+    rows = data.check_audio(data.read_manifest(train_manifest))  # every clip's header, now
+    train_rows = [dict(r, text=None) for r in rows if fits(r)]
+    if master and len(train_rows) < len(rows):
+        print(f"skipping {len(rows) - len(train_rows)} utterances too long for the student")
     if not train_rows:
         fail(f"no usable training utterances in {train_manifest}")
     val_rows = data.read_manifest(val_manifest)[:val_max_utts] if val_manifest else []
+    data.check_audio(val_rows)
     batches = data.Batches(train_rows, tok, batch_size=batch_size, seed=seed, rank=rank,
                            world_size=world_size, n_mels=student.dims.n_mels, n_frames=n_frames)
 
@@ -372,6 +388,12 @@ def main():
         optimizer.load_state_dict(checkpoint['optimizer'])
         iter_num, best_val_wer = checkpoint['iter_num'], checkpoint['best_val_wer']
         loader, gens = checkpoint['loader'], checkpoint['rng']['generator']
+        log_path = os.path.join(out_dir, 'log.jsonl')  # the records past the checkpoint are redone
+        if master and os.path.exists(log_path):
+            with open(log_path) as f:
+                records = [r for r in f if json.loads(r)['iter'] <= iter_num]
+            with open(log_path, 'w') as f:
+                f.writelines(records)
         generator.set_state(gens[rank % len(gens)])
         torch.set_rng_state(checkpoint['rng']['torch'])
         checkpoint = None
@@ -410,8 +432,7 @@ def main():
                     'best_val_wer': best_val_wer, 'config': config, 'tokenizer': tok.to_dict(),
                     'frozen': frozen, 'loader': dict(loader),
                     'rng': {'generator': gens, 'torch': torch.get_rng_state()}}
-            torch.save(ckpt, ckpt_path + '.tmp')
-            os.replace(ckpt_path + '.tmp', ckpt_path)
+            evaluate.atomic_save(ckpt, ckpt_path)
             print(f"saved checkpoint to {ckpt_path}")
 
     def log_json(record):
@@ -434,7 +455,7 @@ def main():
         if (last or (eval_interval and iter_num % eval_interval == 0)) and iter_num > start_iter:
             wer = None
             if master and val_rows:
-                hyps = evaluate.transcribe(student, tok, val_rows, eval_batch_size, encode=encode_s)
+                hyps = evaluate.transcribe(student, tok, val_rows, eval_batch_size, encode=cache_s)
                 wer = evaluate.report(val_rows, hyps, 1.0)['wer']
                 print(f"iter {iter_num}: val WER {100 * wer:.2f}% on {len(val_rows)} utts")
                 log_json({'iter': iter_num, 'val_wer': wer,
@@ -454,15 +475,21 @@ def main():
         t0 = now(device_type)
         batch = get_batch()
         mel, paths = batch['mel'].to(dev), batch['audio']
+        # mels padded to the longest in the batch: the padding is masked (Whisper's 30-s window
+        # is not: the model was trained reading it)
+        frames = None if n_frames else length_mask(batch['mel_lengths'].to(dev), mel.shape[2])
         with torch.no_grad():
-            xa_t = encode_t(mel, paths)
-            xa_s = xa_t if shared else encode_s(mel, paths)
+            xa_t = cache_t(mel, paths) if cache_t else teacher.encoder(mel, frames)
+            if shared:
+                xa_s = xa_t
+            else:
+                xa_s = cache_s(mel, paths) if cache_s else student.encoder(mel, frames)
         prompts = [tok.sot_sequence(train_rows[i].get('lang')) for i in batch['index']]
         # the full-vocabulary KLs on the last step before each log line
         full_diag = (iter_num + 1) % log_interval == 0 or iter_num + 1 == max_iters
         # steps 1-4: rollout, teacher scores, student re-scores, per-position divergence
         loss_sum, n, stats = opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts,
-                                      batch['duration'].tolist(), generator, full_diag)
+                                      batch['duration'].tolist(), generator, full_diag, frames)
         # 5. update. The mean is over the positions of the GLOBAL batch: every rank divides by the
         # global count times the world size (DDP averages gradients): one process's update
         count = n.float()

@@ -1,13 +1,16 @@
 """
 Transcribe a manifest with a checkpoint and score it: corpus-level WER (English) or CER (Mandarin).
 Also the project's one model loader (load_checkpoint), batched decoding (decode, transcribe) and
-the cache of a frozen encoder's outputs (EncoderCache).
+the cache of a frozen encoder's outputs (EncoderCache). Whisper weights get the features of
+Whisper's transcribe(), and a clip over 30 s is transcribed in 30-s windows with timestamps as
+transcribe() does (whisper_io.transcribe_long); our models refuse a clip longer than their encoder takes.
 
     python evaluate.py --ckpt=out/ckpt.pt --manifest=data/grammar/test.jsonl --out=results.json
     python evaluate.py --ckpt=weights/whisper-tiny.en --manifest=data/ls_test_clean.jsonl --beam=5
     python evaluate.py --ckpt=weights/base --manifest=unlabeled.jsonl --out_manifest=pseudo.jsonl
 """
 import hashlib
+import io
 import json
 import os
 import re
@@ -16,12 +19,13 @@ import time
 from contextlib import nullcontext
 
 import numpy as np
+import soundfile as sf
 import torch
 
 import data
 import whisper_io
 from score import score
-from model import ModelDimensions, Whisper
+from model import ModelDimensions, Whisper, length_mask
 
 # -----------------------------------------------------------------------------
 # models: the one loader, and a cache of a frozen encoder's outputs
@@ -61,10 +65,28 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path}: bad checkpoint ({_line(e)})") from None
     return model.to(device).eval(), tokenizer, ckpt
 
+def atomic_save(obj, path):
+    """torch.save to path.tmp, then renamed over path: a crash or a full disk mid-write leaves the
+    previous file as it was (and no .tmp behind). A full disk is an OSError that says so."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # in memory first: torch's own writer hides the reason of a failed write
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise OSError(f"{path}: cannot save ({e.strerror or e}); the previous file is intact") \
+            from None
+
 class EncoderCache:
     """Outputs of a frozen encoder per audio file, rounded to float16, in memory and optionally on
     disk. Only valid when every mel has the same length (n_frames fixed, e.g. Whisper's 30-s
     window): otherwise the padding changes them."""
+    FEATURES = "transcribe-mel-2"  # in the key: files cached from other features are not read
 
     def __init__(self, encoder, directory="", ctx=nullcontext()):
         self.encoder, self.directory, self.ctx, self.mem = encoder, directory, ctx, {}
@@ -75,7 +97,8 @@ class EncoderCache:
 
     def _file(self, path, T):  # size and mtime in the key: a regenerated corpus is not read stale
         st = os.stat(path)
-        key = f"{self.tag}|{T}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+        key = (f"{self.FEATURES}|{self.tag}|{T}|{os.path.abspath(path)}|{st.st_size}|"
+               f"{st.st_mtime_ns}")
         return os.path.join(self.directory, hashlib.sha1(key.encode()).hexdigest() + ".pt")
 
     @torch.no_grad()
@@ -110,27 +133,54 @@ def whisper_frames(model, tokenizer):
 def _duration(row):
     if row.get("duration") is not None:
         return float(row["duration"])
-    import soundfile as sf
     try:
         return sf.info(row["audio"]).duration
     except Exception:
         return 0.0  # unknown: load_audio will name the problem
 
+def _frames(path):  # mel frames (10 ms) of the audio at 16 kHz, from its header; 0 if unreadable
+    try:
+        info = sf.info(path)
+    except Exception:
+        return 0  # load_audio will name the problem
+    return round(info.frames * data.SAMPLE_RATE / info.samplerate) // data.HOP_LENGTH
+
+def too_long(model, tokenizer, rows, n_frames=None):
+    """-> ([(row, frames)] of the rows longer than the model's encoder takes, that limit in mel
+    frames). Our models' encoders take n_audio_ctx * conv_stride frames (or n_frames); Whisper
+    weights have no limit: they transcribe a long clip in 30-s windows (whisper_io.transcribe_long)."""
+    if whisper_frames(model, tokenizer):
+        return [], None
+    limit = model.dims.n_audio_ctx * getattr(model.dims, "conv_stride", 2)
+    limit = min(n_frames or limit, limit)
+    return [(row, f) for row in rows if (f := _frames(row["audio"])) > limit], limit
+
 @torch.no_grad()
 def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=None,
-           max_new_tokens=None, temperature=0.0, generator=None, n_frames=None):
+           max_new_tokens=None, temperature=0.0, generator=None, n_frames=None, truncate=False,
+           done=None):
     """Decode every row's audio: greedy, sampling (temperature > 0) or beam search (beam > 1).
     Returns (tokens, ended) in the order of rows: the token ids without prompt and EOT, and whether
     EOT was reached. Rows are batched by prompt (language) and sorted by duration; mels are padded
-    like data.Batches does; Whisper weights (n_audio_ctx 1500 and a Whisper tokenizer) get
-    Whisper's 30-s window (n_frames=3000). encode(mel, paths): the encoder output (an EncoderCache,
-    say); by default model.encoder(mel)."""
+    like data.Batches does. Whisper weights get transcribe()'s features: a clip up to 30 s is one
+    window (n_frames=3000, data.whisper_mel), a longer one goes through whisper_io.transcribe_long (greedy,
+    whatever beam and temperature say). Our models refuse a clip longer than their encoder takes
+    (a ValueError naming it), or with truncate=True cut it there. encode(mel, paths): the encoder
+    output (an EncoderCache, say; not used for long clips); by default model.encoder. done:
+    a dict to fill with row index -> (tokens, ended) as rows finish (kept if a later clip fails)."""
     if beam > 1 and temperature > 0:
         raise ValueError("decode: beam search or sampling, not both")
+    windowed = whisper_frames(model, tokenizer) is not None  # long clips in 30-s windows
     n_frames = n_frames or whisper_frames(model, tokenizer)
+    beyond, limit = too_long(model, tokenizer, rows, n_frames)
+    if beyond and not truncate:
+        (row, frames), more = beyond[0], len(beyond) - 1
+        raise ValueError(f"{row['audio']}: {frames / 100:.2f} s of audio, longer than the model's "
+                         f"limit of {limit / 100:.2f} s ({limit} mel frames)"
+                         f"{f' (and {more} more clips)' if more else ''}; --truncate=True "
+                         "(decode's truncate=True) cuts them")
     if max_new_tokens is None:
         max_new_tokens = model.dims.n_text_ctx // 2  # Whisper's sample_len
-    encode = encode or (lambda mel, paths: model.encoder(mel))
     kw = dict(max_new_tokens=max_new_tokens, suppress=tokenizer.suppress,
               suppress_blank=tokenizer.suppress_blank)
     device, n_mels = next(model.parameters()).device, model.dims.n_mels
@@ -143,39 +193,47 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
             batches[-1].append(k)
         else:
             batches.append([k])
-    tokens, ended = [None] * len(rows), [None] * len(rows)
+    done = {} if done is None else done
     was_training = model.training
     model.eval()
     for idx in batches:
-        mels = []  # (mel, the value to pad it with)
-        for k in idx:
-            audio = data.load_audio(rows[k]["audio"])
-            if n_frames == data.N_FRAMES:
-                mels.append((data.whisper_mel(audio, n_mels), 0.0))
-            else:
-                mels.append(data.utterance_mel(audio, n_mels, n_frames)[:2])
-        T = min(n_frames or max(m.shape[1] for m, _ in mels), longest)
+        audio = {k: data.load_audio(rows[k]["audio"]) for k in idx}
+        long = [k for k in idx if windowed and len(audio[k]) // data.HOP_LENGTH > data.N_FRAMES]
+        for k in long:  # over 30 s: Whisper's windows, one clip at a time
+            prompt = [t for t in prompts[k] if t != tokenizer.no_timestamps]  # timestamps on
+            mel = data.whisper_mel(audio[k], n_mels, n_frames=None).to(device)
+            done[k] = whisper_io.transcribe_long(model, tokenizer, mel, prompt, max_new_tokens)
+        idx = [k for k in idx if k not in long]
+        if not idx:
+            continue
+        mels = [data.utterance_mel(audio[k], n_mels, n_frames) for k in idx]  # (mel, pad, n)
+        T = min(n_frames or max(m.shape[1] for m, _, _ in mels), longest)
         mel = torch.empty(len(idx), n_mels, T)
-        for b, (m, pad) in enumerate(mels):
+        for b, (m, pad, _) in enumerate(mels):
             mel[b].fill_(pad)
             mel[b, :, :min(T, m.shape[1])] = m[:, :T]
-        xa = encode(mel.to(device), [rows[k]["audio"] for k in idx])
-        prompt = list(prompts[idx[0]])
+        mel = mel.to(device)
+        # padded to the longest in the batch: the padding is masked, so a clip's transcript does
+        # not depend on its batch (Whisper's 30-s window is not: the model was trained reading it)
+        n = torch.tensor([min(n, T) for _, _, n in mels], device=device)
+        mask = None if n_frames else length_mask(n, T)
+        xa = encode(mel, [rows[k]["audio"] for k in idx]) if encode else model.encoder(mel, mask)
+        prompt, m = list(prompts[idx[0]]), model.encoder.frames_mask(mask)
         if beam > 1:
-            out = model.beam_search(xa, prompt, tokenizer.eot, beam_size=beam, **kw)
+            out = model.beam_search(xa, prompt, tokenizer.eot, beam_size=beam, xa_mask=m, **kw)
         else:
             out = model.generate(xa, prompt, tokenizer.eot, temperature=temperature,
-                                 generator=generator, **kw)
+                                 generator=generator, xa_mask=m, **kw)
         for j, k in enumerate(idx):
-            tokens[k], ended[k] = out.tokens[j], out.ended[j]
+            done[k] = out.tokens[j], out.ended[j]
     model.train(was_training)
-    return tokens, ended
+    return [done[k][0] for k in range(len(rows))], [done[k][1] for k in range(len(rows))]
 
 def transcribe(model, tokenizer, rows, batch_size=16, beam=1, language=None, n_frames=None,
-               max_new_tokens=None, encode=None):
+               max_new_tokens=None, encode=None, truncate=False):
     """decode's transcripts as text, stripped, in the order of rows."""
     tokens, _ = decode(model, tokenizer, rows, batch_size, beam, language, encode, max_new_tokens,
-                       n_frames=n_frames)
+                       n_frames=n_frames, truncate=truncate)
     return [tokenizer.decode(t).strip() for t in tokens]
 
 # -----------------------------------------------------------------------------
@@ -211,51 +269,83 @@ def print_table(res):
           f"{res['utterances']:>6} {res['scored']:>6} {res['audio_seconds']:>9.1f} "
           f"{res['rtfx']:>8.1f} {med:>8}")
 
+def _write_json(res, path):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(res, f, ensure_ascii=False, indent=1)
+    os.replace(path + ".tmp", path)
+
 def main():
     ckpt = ""  # our checkpoint .pt, or Whisper weights (.pt / Hugging Face dir / CTranslate2 dir)
     manifest = ""  # JSONL: {"audio", "text" (optional), "lang" (optional), "duration" (optional)}
-    beam = 1  # 1 = greedy
+    beam = 1  # 1 = greedy (a clip over 30 s on Whisper weights is decoded greedily in any case)
     out = ""  # write the results as JSON here
     out_manifest = ""  # write the rows with the hypotheses as "text" here (pseudo-labels)
     language = ""  # overrides each row's "lang": prompt language and metric (zh -> CER)
     batch_size = 16
     max_utts = 0  # 0 = all
+    truncate = False  # our models: cut a clip longer than the encoder takes (default: refuse it)
     device = ""  # default: cuda if available
     g = dict(locals())  # configurator.py overrides these from --key=value
     exec(open(os.path.join(os.path.dirname(__file__) or ".", "configurator.py")).read(), g)
     device = g["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     if not g["ckpt"] or not g["manifest"]:
         raise ValueError("give --ckpt=PATH and --manifest=PATH")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={device}: CUDA is not available here (try --device=cpu)")
+    for key, least in (("batch_size", 1), ("beam", 1), ("max_utts", 0)):
+        if g[key] < least:
+            raise ValueError(f"--{key}={g[key]}: must be at least {least}")
     for path in filter(None, (g["out"], g["out_manifest"])):  # fail now, not after transcribing
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise ValueError(f"{path}: folder {os.path.dirname(os.path.abspath(path))} not found")
-    rows = data.read_manifest(g["manifest"])
-    if g["max_utts"]:
-        rows = rows[:g["max_utts"]]
+    rows = data.read_manifest(g["manifest"])[:g["max_utts"] or None]
+    if not rows:
+        raise ValueError(f"{g['manifest']}: no rows to transcribe (--max_utts={g['max_utts']})")
+    data.check_audio(rows)  # every header now: a missing or unreadable file before any decoding
     model, tokenizer, _ = load_checkpoint(g["ckpt"], device)
-    t0 = time.time()
-    tokens, ended = decode(model, tokenizer, rows, g["batch_size"], g["beam"],
-                           g["language"] or None)
+    language = g["language"] or None
+    beyond, limit = too_long(model, tokenizer, rows)  # refused by decode unless --truncate=True
+    whisper = whisper_frames(model, tokenizer) is not None  # a clip over 30 s: in windows
+    windowed = sum(_frames(r["audio"]) > data.N_FRAMES for r in rows) if whisper else 0
+    t0, done = time.time(), {}
+    try:
+        tokens, ended = decode(model, tokenizer, rows, g["batch_size"], g["beam"], language,
+                               truncate=g["truncate"], done=done)
+    except Exception as e:  # a clip that fails on reading, say: keep the finished transcripts
+        if g["out"] and done:
+            keep = sorted(done)
+            res = report([rows[k] for k in keep], [tokenizer.decode(done[k][0]).strip()
+                                                   for k in keep], time.time() - t0, language)
+            _write_json(dict(res, complete=False, error=str(e)), g["out"])
+            print(f"wrote {g['out']}: {len(keep)} of {len(rows)} transcripts (incomplete)")
+        raise
     hyps = [tokenizer.decode(t).strip() for t in tokens]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    res = report(rows, hyps, time.time() - t0, g["language"] or None)
+    res = report(rows, hyps, time.time() - t0, language)
+    res.update(complete=True, truncated=len(beyond), windowed=windowed)
     print_table(res)
     if res["scored"] < res["utterances"]:
         print(f"scored {res['scored']} of {res['utterances']} utterances (the others have no text)")
+    if windowed:
+        print(f"{windowed} clips over 30 s: transcribed in 30-s windows with timestamps (greedy)")
+    if res["truncated"]:
+        print(f"truncated {res['truncated']} clips to the model's {limit / 100:.2f} s "
+              "(--truncate=True): their transcripts miss the rest")
     if g["out"]:
-        with open(g["out"] + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(res, f, ensure_ascii=False, indent=1)
-        os.replace(g["out"] + ".tmp", g["out"])
+        _write_json(res, g["out"])
         print(f"wrote {g['out']}")
     if g["out_manifest"]:  # pseudo-labels: drop a transcript cut before EOT (a loop) or empty
         kept = [dict(row, text=h) for row, h, e in zip(rows, hyps, ended) if e and h]
         data.write_manifest(g["out_manifest"], kept)
         print(f"wrote {g['out_manifest']}: kept {len(kept)} of {len(rows)} rows (ended, non-empty)")
 
-if __name__ == "__main__":
+def cli():  # errors as one line on stderr, exit status 1
     try:
         main()
     except (OSError, ValueError, ImportError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+if __name__ == "__main__":
+    cli()

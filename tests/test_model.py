@@ -149,3 +149,39 @@ def test_sampling_is_seeded_and_top_p_small_equals_greedy():
     greedy = sample()
     nucleus = sample(temperature=1.0, top_p=1e-6, generator=g())
     assert nucleus == greedy
+
+@pytest.mark.parametrize("conv_stride", [2, 4])
+def test_padding_mask_makes_each_clip_independent_of_its_batch(conv_stride):
+    """Mels padded to the longest (with any value) and masked: every clip's encoder output, logits,
+    greedy and beam transcripts equal what it gets alone, unpadded."""
+    from model import length_mask
+    torch.manual_seed(0)
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=100, n_audio_state=64, n_audio_head=4,
+                           n_audio_layer=2, n_vocab=50, n_text_ctx=40, n_text_state=64,
+                           n_text_head=4, n_text_layer=2, conv_stride=conv_stride)
+    model = Whisper(dims).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.5)
+    lens = torch.tensor([37, 200, 101, 6])
+    mels = [torch.randn(80, int(n)) for n in lens]
+    batch = torch.full((4, 80, 200), 3.0)
+    for b, m in enumerate(mels):
+        batch[b, :, :m.shape[1]] = m
+    mask = length_mask(lens, 200)
+    tokens = torch.randint(0, 50, (4, 5))
+    with torch.no_grad():
+        xa, xm = model.encoder(batch, mask), model.encoder.frames_mask(mask)
+        logits = model(batch, tokens, mask)
+        greedy = model.generate(xa, [1, 2], 0, max_new_tokens=8, xa_mask=xm).tokens
+        beam = model.beam_search(xa, [1, 2], 0, beam_size=3, max_new_tokens=8, xa_mask=xm).tokens
+        unmasked = model.generate(xa, [1, 2], 0, max_new_tokens=8).tokens
+        for b, m in enumerate(mels):
+            alone = model.encoder(m[None])
+            torch.testing.assert_close(xa[b, :alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits[b], model(m[None], tokens[b:b + 1])[0], atol=1e-5,
+                                       rtol=1e-5)
+            assert greedy[b] == model.generate(alone, [1, 2], 0, max_new_tokens=8).tokens[0]
+            assert beam[b] == model.beam_search(alone, [1, 2], 0, beam_size=3,
+                                                max_new_tokens=8).tokens[0]
+    assert unmasked != greedy  # without the mask the padding changes the transcripts
+    assert length_mask(torch.tensor([200, 200]), 200) is None  # nothing padded: no mask at all
