@@ -1,13 +1,16 @@
 """
 The paper's Table 1 in miniature, on real Whisper weights (CPU is enough):
 
-    python demo.py                      # the full demo: Whisper base teacher, espeak-ng corpus
+    python demo.py                      # the full demo: Whisper base teacher, Piper-voice corpus
+    python demo.py --split=dev          # the same rows scored on dev (choose settings here)
     python demo.py --small=True         # a smoke run: tiny corpus, a few steps per row (plumbing)
     python demo.py --rows=base,opd      # some rows only; later rows reuse earlier rows' checkpoints
     python demo.py --seed=1             # another training seed (same corpus) -> out/demo_seed1/
 
-Rows: base = a 2-layer-decoder student on base's frozen encoder (teacher decoder layers 0 and 5),
-SFT on 3% of the labels (train.py). From base, on other audio without its labels, the same number
+Speech: fortunes sentences in the Piper voice (synth.py); the second column is the same test (or
+dev) sentences in espeak-ng voices never heard in training. Rows: base = a 2-layer-decoder student
+on base's frozen encoder (teacher decoder layers 0 and 5), SFT on the n_labeled clips that keep
+their labels (train.py). From base, on other audio without its labels, the same number
 of updates each: opd (distill.py: topk_union, greedy), opd_rkl (reverse KL, sampled rollouts),
 td (train.py on the teacher's transcripts), td_opd (td, then opd). References: teacher (Whisper
 base) and tiny_en (Whisper tiny.en). Test WER is scored greedy, cut at the rollouts' length bound,
@@ -35,6 +38,7 @@ import whisper_io
 small = False  # the smoke run
 rows = 'base,opd,opd_rkl,td,td_opd,teacher,tiny_en'
 seed = 1337  # the training seed; the corpus is the same for every seed
+split = 'test'  # 'dev': score on the dev split (val, val_espeak) to choose settings; no test
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -42,18 +46,24 @@ STUDENT_ROWS = ['base', 'opd', 'opd_rkl', 'td', 'td_opd']
 REF_ROWS = ['teacher', 'tiny_en']
 CACHE_DIR = 'out/demo/encoder_cache'  # base's encoder outputs, shared by every row, seed and run
 CORPUS_SEED = 1337
-# label_frac of the training clips keep their labels (base's SFT data); n_unlabeled others are the
-# audio of the later rows; token_noise for the supervised rows (base, td)
-FULL = dict(corpus='data/synth_fortunes', n_train=3000, n_val=50, n_test=200, label_frac=0.03,
-            n_unlabeled=1000, sft_iters=450, sft_lr=2e-4, sft_eval=50, sft_batch_size=8,
-            token_noise=0.3, iters=110, lr=1e-4, batch_size=16, warmup=5, val_max_utts=50,
+# The corpus: fortunes sentences in the Piper voice (train, val = dev, test), and val's and test's
+# sentences again in espeak-ng voices never heard in training (val_espeak, test_espeak: 2 voice
+# families each, disjoint), the out-of-domain column. n_labeled training clips keep their labels
+# (base's SFT data); the n_unlabeled others are the audio of the later rows; token_noise for the
+# supervised rows (base, td)
+FULL = dict(corpus='data/synth_piper', n_labeled=80, n_unlabeled=320, n_val=40, n_test=150,
+            ood_voices=2, sft_iters=200, sft_lr=2e-4, sft_eval=25, sft_batch_size=8,
+            token_noise=0.3, iters=100, lr=3e-4, batch_size=16, warmup=5, val_max_utts=40,
             speed_utts=16)
-SMALL = dict(FULL, corpus='data/synth_fortunes_small', n_train=30, n_val=4, n_test=10,
-             label_frac=0.10, n_unlabeled=27, sft_iters=12, sft_eval=6, sft_batch_size=4, iters=3,
+SMALL = dict(FULL, corpus='data/synth_piper_small', n_labeled=3, n_unlabeled=12, n_val=4,
+             n_test=6, ood_voices=1, sft_iters=12, sft_eval=6, sft_batch_size=4, iters=3,
              batch_size=4, warmup=1, val_max_utts=4, speed_utts=4)
 cfg = SMALL if small else FULL
 out = 'out/demo' + ('_small' if small else '') + (f'_seed{seed}' if seed != 1337 else '')
 want = [r for r in rows.split(',') if r]
+if split not in ('dev', 'test'):
+    sys.exit(f"demo.py: error: split={split!r}: expected dev or test")
+SETS = ('val', 'val_espeak') if split == 'dev' else ('test', 'test_espeak')  # the two columns
 if set(want) - set(STUDENT_ROWS + REF_ROWS):
     sys.exit(f"demo.py: error: unknown rows {sorted(set(want) - set(STUDENT_ROWS + REF_ROWS))}")
 
@@ -62,18 +72,17 @@ def prepare_data():
     if not os.path.isdir(synth.FORTUNES):
         sys.exit(f"demo.py: error: {synth.FORTUNES} not found: run `bash setup.sh` first")
     whisper_io.assemble_weights('weights')
-    if not os.path.exists(os.path.join(cfg['corpus'], 'test.jsonl')):
-        synth.synth_corpus(cfg['corpus'], text='fortunes', n_train=cfg['n_train'],
-                           n_val=cfg['n_val'], n_test=cfg['n_test'], holdout_voices=2,
-                           seed=CORPUS_SEED)
+    if not os.path.exists(os.path.join(cfg['corpus'], 'test_espeak.jsonl')):
+        synth.synth_corpus(cfg['corpus'], text='fortunes', voices='piper',
+                           n_train=cfg['n_labeled'] + cfg['n_unlabeled'], n_val=cfg['n_val'],
+                           n_test=cfg['n_test'], ood_voices=cfg['ood_voices'], seed=CORPUS_SEED)
     train = data.read_manifest(os.path.join(cfg['corpus'], 'train.jsonl'))
-    n_lab = max(1, int(cfg['label_frac'] * len(train)))
-    rest = train[n_lab:n_lab + cfg['n_unlabeled']]
-    unlabeled = [{k: v for k, v in r.items() if k != 'text'} for r in rest]
+    n_lab = cfg['n_labeled']
+    unlabeled = [{k: v for k, v in r.items() if k != 'text'} for r in train[n_lab:]]
     paths = {'labeled': os.path.join(out, 'labeled.jsonl'),
-             'unlabeled': os.path.join(out, 'unlabeled.jsonl'),
-             'val': os.path.join(cfg['corpus'], 'val.jsonl'),
-             'test': os.path.join(cfg['corpus'], 'test.jsonl')}
+             'unlabeled': os.path.join(out, 'unlabeled.jsonl')}
+    for name in ('val', 'val_espeak', 'test', 'test_espeak'):
+        paths[name] = os.path.join(cfg['corpus'], f'{name}.jsonl')
     data.write_manifest(paths['labeled'], train[:n_lab])
     data.write_manifest(paths['unlabeled'], unlabeled)
     print(f"demo data: {n_lab} labeled + {len(unlabeled)} unlabeled train utterances -> {out}")
@@ -84,7 +93,7 @@ def encode_all(paths):
     (float16)."""
     model = evaluate.load_checkpoint('weights/base')[0]
     cache = evaluate.EncoderCache(model.encoder, CACHE_DIR, torch.autocast('cpu', torch.bfloat16))
-    for name in ('labeled', 'unlabeled', 'val', 'test'):
+    for name in ('labeled', 'unlabeled', 'val') + SETS:
         for batch in data.Batches(data.read_manifest(paths[name]), None, batch_size=8,
                                   n_frames=data.N_FRAMES, shuffle=False):
             cache(batch['mel'], batch['audio'])
@@ -191,10 +200,10 @@ def row_path(row):
     refs = {'teacher': 'weights/base', 'tiny_en': 'weights/tiny.en'}
     return refs.get(row, os.path.join(out, row, 'ckpt.pt'))
 
-def evaluate_row(row, test_rows, cache):
-    """Test WER greedy; the base-encoder rows decode from the cached encoder outputs and are also
-    scored cut at the rollouts' length bound and with Whisper's fallback. Also per-utterance
-    (words, errors) for the bootstrap."""
+def evaluate_row(row, test_rows, cache, name, extra=True):
+    """WER greedy on test_rows (the split called name); the base-encoder rows decode from the
+    cached encoder outputs and, with extra, are also scored cut at the rollouts' length bound and
+    with Whisper's fallback. Also per-utterance (words, errors) for the bootstrap."""
     model, tok, _ = evaluate.load_checkpoint(row_path(row))
     t0 = time.time()
     tokens, _ = evaluate.decode(model, tok, test_rows, batch_size=16,
@@ -204,9 +213,9 @@ def evaluate_row(row, test_rows, cache):
     res = evaluate.report(test_rows, hyps, wall)
     res.update(eval_wall_s=wall, params=model.get_num_params(),
                decode='transcribe' if row == 'tiny_en' else 'cached_encoder')
-    line = (f"{row}: WER {100 * res['wer']:.2f}% "
+    line = (f"{row} on {name}: WER {100 * res['wer']:.2f}% "
             f"(S {res['s']} D {res['d']} I {res['i']} of {res['n']})")
-    if row != 'tiny_en':
+    if row != 'tiny_en' and extra:
         bounds = distill.length_bounds([r['duration'] for r in test_rows])
         cut = [tok.decode(t[:n]).strip() for t, n in zip(tokens, bounds)]
         b = evaluate.report(test_rows, cut, wall)
@@ -259,7 +268,7 @@ def measure_speed(student_row, test_rows, cache):
 
 def print_table(results, utts):
     print(f"\n{'row':<9} {'WER%':>7} {'S':>5} {'D':>5} {'I':>5} {'N':>5} {'med%':>6} "
-          f"{'bound%':>7} {'loops':>5} {'fallb%':>7} {'VUSS':>6} {'train_s':>8}")
+          f"{'bound%':>7} {'loops':>5} {'fallb%':>7} {'ood%':>7} {'VUSS':>6} {'train_s':>8}")
     for row in REF_ROWS + STUDENT_ROWS:
         r = results.get(row)
         if not r or 'wer' not in r:
@@ -270,8 +279,9 @@ def print_table(results, utts):
         bounded = (f"{100 * bd['wer']:7.2f} {bd['utts_past_bound']:5d}" if bd
                    else f"{'-':>7} {'-':>5}")
         fallb = f"{100 * fb['wer']:7.2f}" if fb else f"{'-':>7}"
+        ood = f"{100 * r['ood']['wer']:7.2f}" if r.get('ood') else f"{'-':>7}"
         print(f"{row:<9} {100 * r['wer']:7.2f} {r['s']:5d} {r['d']:5d} {r['i']:5d} {r['n']:5d} "
-              f"{100 * r['median_utt_wer']:6.1f} {bounded} {fallb} {vuss:>6} "
+              f"{100 * r['median_utt_wer']:6.1f} {bounded} {fallb} {ood} {vuss:>6} "
               f"{train_s:>8}")
     b, t, closes, intervals = results.get('base'), results.get('teacher'), {}, {}
     views = (('', '', lambda r: r.get('wer')),
@@ -331,7 +341,7 @@ if __name__ == '__main__':
     t0 = time.time()
     cache = encode_all(paths)
     stages['encode'] = time.time() - t0
-    results_path = os.path.join(out, 'results.json')
+    results_path = os.path.join(out, 'results.json' if split == 'test' else 'results_dev.json')
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     for row in STUDENT_ROWS:  # in order: later rows start from earlier rows' checkpoints
         if row in want:
@@ -339,14 +349,16 @@ if __name__ == '__main__':
             stages[f'train_{row}'] = s['wall_s']
             results[row] = {'train_wall_s': s['wall_s'], 'train_iters': s.get('iter'),
                             'vuss': s['vuss_log'], 'summary': s}
-    test_rows = data.read_manifest(paths['test'])
-    utts = {}
+    test_rows, ood_rows = (data.read_manifest(paths[name]) for name in SETS)
+    utts, utts_ood = {}, {}
     for row in REF_ROWS + STUDENT_ROWS:
         if row in want or (row in ('base', 'teacher') and os.path.exists(row_path(row))):
             t0 = time.time()
-            res, utts[row] = evaluate_row(row, test_rows, cache)
+            res, utts[row] = evaluate_row(row, test_rows, cache, SETS[0])
+            ood, utts_ood[row] = evaluate_row(row, ood_rows, cache, SETS[1], extra=False)
             stages[f'eval_{row}'] = time.time() - t0
             res.pop('utts')  # per-utterance transcripts stay out of the table file
+            res['ood'] = {k: ood[k] for k in SCORES}
             results[row] = dict(results.get(row, {}), **res)
     student = next((r for r in ('opd', 'td_opd', 'base')
                     if r in want and os.path.exists(row_path(r))), None)
@@ -357,7 +369,18 @@ if __name__ == '__main__':
     stages['total'] = time.time() - t_all
     results['stages_s'] = dict(results.get('stages_s', {}), **stages)
     results['config'] = dict(cfg, seed=seed, small=small)
+    results['split'] = list(SETS)
     results['gap_closed'], results['gap_closed_ci95'] = print_table(results, utts)
+    b, t = results.get('base', {}).get('ood'), results.get('teacher', {}).get('ood')
+    if b and t and b['wer'] != t['wer']:  # the out-of-domain column: espeak-ng voices
+        results['gap_closed_ood'], results['gap_closed_ood_ci95'] = {}, {}
+        for row in ('opd', 'opd_rkl', 'td', 'td_opd'):
+            if results.get(row, {}).get('ood') and row in utts_ood:
+                closed = (b['wer'] - results[row]['ood']['wer']) / (b['wer'] - t['wer'])
+                ci = gap_interval(utts_ood, row)
+                results['gap_closed_ood'][row], results['gap_closed_ood_ci95'][row] = closed, ci
+                print(f"{row}: closes {100 * closed:.0f}% of the gap on {SETS[1]} "
+                      f"(95% paired bootstrap {100 * ci[0]:.0f}% .. {100 * ci[1]:.0f}%)")
     if 'speed' in results:
         sp = results['speed']
         print(f"greedy decode speed ({sp['utterances']} utts, encoder included): "
