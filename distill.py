@@ -388,12 +388,8 @@ def main():
         optimizer.load_state_dict(checkpoint['optimizer'])
         iter_num, best_val_wer = checkpoint['iter_num'], checkpoint['best_val_wer']
         loader, gens = checkpoint['loader'], checkpoint['rng']['generator']
-        log_path = os.path.join(out_dir, 'log.jsonl')  # the records past the checkpoint are redone
-        if master and os.path.exists(log_path):
-            with open(log_path) as f:
-                records = [r for r in f if json.loads(r)['iter'] <= iter_num]
-            with open(log_path, 'w') as f:
-                f.writelines(records)
+        if master:  # the records past the checkpoint are done again
+            evaluate.trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
         generator.set_state(gens[rank % len(gens)])
         torch.set_rng_state(checkpoint['rng']['torch'])
         checkpoint = None

@@ -3,7 +3,8 @@ Transcribe a manifest with a checkpoint and score it: corpus-level WER (English)
 Also the project's one model loader (load_checkpoint), batched decoding (decode, transcribe) and
 the cache of a frozen encoder's outputs (EncoderCache). Whisper weights get the features of
 Whisper's transcribe(), and a clip over 30 s is transcribed in 30-s windows with timestamps as
-transcribe() does (whisper_io.transcribe_long); our models refuse a clip longer than their encoder takes.
+transcribe() does (whisper_io.transcribe_long); our models refuse a clip longer than their
+encoder takes.
 
     python evaluate.py --ckpt=out/ckpt.pt --manifest=data/grammar/test.jsonl --out=results.json
     python evaluate.py --ckpt=weights/whisper-tiny.en --manifest=data/ls_test_clean.jsonl --beam=5
@@ -82,6 +83,15 @@ def atomic_save(obj, path):
         raise OSError(f"{path}: cannot save ({e.strerror or e}); the previous file is intact") \
             from None
 
+def trim_log(path, iter_num):
+    """A resumed run's log.jsonl: keep the records up to the checkpoint's iteration (the later
+    ones are done again)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            records = [r for r in f if json.loads(r)["iter"] <= iter_num]
+        with open(path, "w") as f:
+            f.writelines(records)
+
 class EncoderCache:
     """Outputs of a frozen encoder per audio file, rounded to float16, in memory and optionally on
     disk. Only valid when every mel has the same length (n_frames fixed, e.g. Whisper's 30-s
@@ -148,7 +158,8 @@ def _frames(path):  # mel frames (10 ms) of the audio at 16 kHz, from its header
 def too_long(model, tokenizer, rows, n_frames=None):
     """-> ([(row, frames)] of the rows longer than the model's encoder takes, that limit in mel
     frames). Our models' encoders take n_audio_ctx * conv_stride frames (or n_frames); Whisper
-    weights have no limit: they transcribe a long clip in 30-s windows (whisper_io.transcribe_long)."""
+    weights have no limit: they transcribe a long clip in 30-s windows
+    (whisper_io.transcribe_long)."""
     if whisper_frames(model, tokenizer):
         return [], None
     limit = model.dims.n_audio_ctx * getattr(model.dims, "conv_stride", 2)
@@ -163,9 +174,10 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
     Returns (tokens, ended) in the order of rows: the token ids without prompt and EOT, and whether
     EOT was reached. Rows are batched by prompt (language) and sorted by duration; mels are padded
     like data.Batches does. Whisper weights get transcribe()'s features: a clip up to 30 s is one
-    window (n_frames=3000, data.whisper_mel), a longer one goes through whisper_io.transcribe_long (greedy,
-    whatever beam and temperature say). Our models refuse a clip longer than their encoder takes
-    (a ValueError naming it), or with truncate=True cut it there. encode(mel, paths): the encoder
+    window (n_frames=3000, data.whisper_mel), a longer one goes through
+    whisper_io.transcribe_long (greedy, whatever beam and temperature say). Our models refuse a
+    clip longer than their encoder takes (a ValueError naming it), or with truncate=True cut it
+    there. encode(mel, paths): the encoder
     output (an EncoderCache, say; not used for long clips); by default model.encoder. done:
     a dict to fill with row index -> (tokens, ended) as rows finish (kept if a later clip fails)."""
     if beam > 1 and temperature > 0:

@@ -249,12 +249,8 @@ if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     iter_num, best_val_wer = checkpoint['iter_num'], checkpoint['best_val_wer']
     loader = checkpoint['loader']
-    log_path = os.path.join(out_dir, 'log.jsonl')  # the records past the checkpoint are redone
-    if master and os.path.exists(log_path):
-        with open(log_path) as f:
-            records = [r for r in f if json.loads(r)['iter'] <= iter_num]
-        with open(log_path, 'w') as f:
-            f.writelines(records)
+    if master:  # the records past the checkpoint are done again
+        evaluate.trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
     torch.set_rng_state(checkpoint['rng']['torch'])
     aug_gen.set_state(checkpoint['rng']['aug'])
     if device_type == 'cuda' and checkpoint['rng'].get('cuda') is not None:
