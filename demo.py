@@ -18,6 +18,7 @@ and with Whisper's temperature fallback; gap closed comes with a paired bootstra
 Everything goes to out/demo/: results.json, demo.png, one directory per row (ckpt.pt for
 evaluate.py --ckpt, log.jsonl; whisper.pt for openai-whisper from opd and td_opd).
 """
+import glob
 import json
 import os
 import random
@@ -53,13 +54,14 @@ CORPUS_SEED = 1337
 # supervised rows (base, td)
 FULL = dict(corpus='data/synth_piper', n_labeled=80, n_unlabeled=320, n_val=40, n_test=150,
             ood_voices=2, sft_iters=200, sft_lr=2e-4, sft_eval=25, sft_batch_size=8,
-            token_noise=0.3, iters=100, lr=3e-4, batch_size=16, warmup=5, val_max_utts=40,
-            speed_utts=16)
+            token_noise=0.3, iters=100, lr=3e-4, batch_size=16, warmup=5, ngram_stop=4,
+            loop_unlikelihood=3.0, val_max_utts=40, speed_utts=16)
 SMALL = dict(FULL, corpus='data/synth_piper_small', n_labeled=3, n_unlabeled=12, n_val=4,
              n_test=6, ood_voices=1, sft_iters=12, sft_eval=6, sft_batch_size=4, iters=3,
              batch_size=4, warmup=1, val_max_utts=4, speed_utts=4)
 cfg = SMALL if small else FULL
-out = 'out/demo' + ('_small' if small else '') + (f'_seed{seed}' if seed != 1337 else '')
+base_out = 'out/demo' + ('_small' if small else '')
+out = base_out + (f'_seed{seed}' if seed != 1337 else '')
 want = [r for r in rows.split(',') if r]
 if split not in ('dev', 'test'):
     sys.exit(f"demo.py: error: split={split!r}: expected dev or test")
@@ -152,7 +154,8 @@ def train_row(row, paths, cache):
         # a rollout cut at a repeated 4-gram is trained away from the loop
         loss = dict(loss='rkl', temperature=1.0) if row == 'opd_rkl' else {}
         run('distill.py', **unlabeled, **loss, teacher_path='weights/base',
-            train_manifest=paths['unlabeled'], eval_interval=0, ngram_stop=4, loop_unlikelihood=3.0)
+            train_manifest=paths['unlabeled'], eval_interval=0, ngram_stop=cfg['ngram_stop'],
+            loop_unlikelihood=cfg['loop_unlikelihood'])
     summary = {'wall_s': time.time() - t0, 'ckpt': os.path.join(rdir, 'ckpt.pt'),
                'vuss_log': vuss_of(rdir)}
     with open(os.path.join(rdir, 'log.jsonl')) as f:
@@ -303,6 +306,36 @@ def print_table(results, utts):
                       f"gap{name}{ci}")
     return closes, intervals
 
+def over_seeds(name):
+    """Every seed's run of this demo so far (out/demo, out/demo_seed<N>): test WER and gap closed
+    per seed, and their mean; written to out/demo/seeds.json."""
+    runs = {}
+    for d in [base_out] + sorted(glob.glob(base_out + '_seed*')):
+        if os.path.exists(os.path.join(d, name)):
+            r = json.load(open(os.path.join(d, name)))
+            runs[r['config']['seed']] = r
+    if len(runs) < 2:
+        return
+    print(f"\nover seeds {', '.join(map(str, runs))}: WER % per seed (mean); gap closed [95% CI]")
+    table = {}
+    for row in REF_ROWS + STUDENT_ROWS:
+        rs = [r[row] for r in runs.values() if r.get(row, {}).get('wer') is not None]
+        if len(rs) < len(runs):
+            continue
+        wer = [r['wer'] for r in rs]
+        gaps = [(r.get('gap_closed', {}).get(row), r.get('gap_closed_ci95', {}).get(row))
+                for r in runs.values()]
+        table[row] = dict(wer=wer, ood=[r['ood']['wer'] for r in rs], gap=gaps)
+        line = f"{row:<8} " + ' '.join(f"{100 * w:6.2f}" for w in wer)
+        line += f" ({100 * sum(wer) / len(wer):.2f})"
+        if all(g is not None for g, _ in gaps):
+            line += '; gap ' + ' '.join(f"{100 * g:.0f}% [{100 * c[0]:.0f}, {100 * c[1]:.0f}]"
+                                        for g, c in gaps)
+            line += f" (mean {100 * sum(g for g, _ in gaps) / len(gaps):.0f}%)"
+        print(line)
+    with open(os.path.join(base_out, 'seeds.json'), 'w') as f:
+        json.dump({'seeds': list(runs), 'rows': table}, f, indent=1)
+
 def plot(results):
     """demo.png: test WER per row; per step of the OPD rows the KL to the teacher and VUSS."""
     try:
@@ -393,3 +426,4 @@ if __name__ == '__main__':
     os.replace(results_path + '.tmp', results_path)
     print(f"wrote {results_path}")
     plot(results)
+    over_seeds(os.path.basename(results_path))
