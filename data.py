@@ -412,8 +412,10 @@ class Batches:
             self.cache[path] = out
         return out
 
-    def tokens(self, row):
+    def tokens(self, row, mel_frames):
         prompt = self.tokenizer.sot_sequence(self.language or row.get('lang'))
+        if hasattr(self.tokenizer, 'prompt'):  # the audio-LLM's: an <|audio|> per audio token
+            prompt = self.tokenizer.prompt(mel_frames)
         if row.get('text') is None:
             return prompt, [-100] * len(prompt)
         seq = prompt + self.tokenizer.encode_text(row['text']) + [self.tokenizer.eot]
@@ -434,7 +436,7 @@ class Batches:
                      text=[r.get('text') for r in rows], audio=[r['audio'] for r in rows],
                      index=list(idx), duration=torch.tensor([float(r['duration']) for r in rows]))
         if self.tokenizer is not None:
-            toks = [self.tokens(r) for r in rows]  # (inputs, targets), as long as each other
+            toks = [self.tokens(r, n) for r, (_, _, n) in zip(rows, mels)]  # (inputs, targets)
             pad = lambda seqs, value: pad_sequence([torch.tensor(s) for s in seqs], True, value)
             batch['tokens'] = pad([t for t, _ in toks], self.tokenizer.eot)
             batch['targets'] = pad([y for _, y in toks], -100)

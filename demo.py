@@ -6,6 +6,7 @@ The paper's Table 1 in miniature, on real Whisper weights (CPU is enough):
     python demo.py --small=True         # a smoke run: tiny corpus, a few steps per row (plumbing)
     python demo.py --rows=base,opd      # some rows only; later rows reuse earlier rows' checkpoints
     python demo.py --seed=1             # another training seed (same corpus) -> out/demo_seed1/
+    python demo.py --rows=ark_base,ark_opd,teacher  # the audio-LLM student (not in the default)
 
 Speech: fortunes sentences in the Piper voice (synth.py); the second column is the same test (or
 dev) sentences in espeak-ng voices never heard in training. Rows: base = a 2-layer-decoder student
@@ -13,12 +14,16 @@ on base's frozen encoder (teacher decoder layers 0 and 5), SFT on the n_labeled 
 their labels (train.py). From base, on other audio without its labels, the same number
 of updates each: opd (distill.py: topk_union, greedy), opd_rkl (reverse KL, sampled rollouts),
 td (train.py on the teacher's transcripts), td_opd (td, then opd). References: teacher (Whisper
-base) and tiny_en (Whisper tiny.en). Test WER is scored greedy, cut at the rollouts' length bound,
-and with Whisper's temperature fallback; gap closed comes with a paired bootstrap interval.
+base) and tiny_en (Whisper tiny.en). The paper's own student shape, an audio-LLM (base's frozen
+encoder -> adapter -> 2-layer causal LM): ark_base (train.py --student=audio_llm, supervised), and
+ark_opd (distill.py through text: the student's rollouts re-tokenized and scored by the
+teacher); its gap is ark_base -> teacher. Test WER is scored greedy, cut at the rollouts' length
+bound, and with Whisper's temperature fallback; gap closed comes with a paired bootstrap interval.
 Everything goes to out/demo/: results.json, demo.png, one directory per row (ckpt.pt for
 evaluate.py --ckpt, log.jsonl; whisper.pt for openai-whisper from opd and td_opd).
 """
 import glob
+import itertools
 import json
 import os
 import random
@@ -43,7 +48,9 @@ split = 'test'  # 'dev': score on the dev split (val, val_espeak) to choose sett
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
-STUDENT_ROWS = ['base', 'opd', 'opd_rkl', 'td', 'td_opd']
+STUDENT_ROWS = ['base', 'opd', 'opd_rkl', 'td', 'td_opd', 'ark_base', 'ark_opd']
+INIT = {'opd': 'base', 'opd_rkl': 'base', 'td': 'base', 'td_opd': 'td', 'ark_opd': 'ark_base'}
+BASE_OF = dict(INIT, td_opd='base')  # the row whose gap to the teacher a row closes
 REF_ROWS = ['teacher', 'tiny_en']
 CACHE_DIR = 'out/demo/encoder_cache'  # base's encoder outputs, shared by every row, seed and run
 CORPUS_SEED = 1337
@@ -55,10 +62,13 @@ CORPUS_SEED = 1337
 FULL = dict(corpus='data/synth_piper', n_labeled=80, n_unlabeled=320, n_val=40, n_test=150,
             ood_voices=2, sft_iters=200, sft_lr=2e-4, sft_eval=25, sft_batch_size=8,
             token_noise=0.3, iters=100, lr=3e-4, batch_size=16, warmup=5, ngram_stop=4,
-            loop_unlikelihood=3.0, val_max_utts=40, speed_utts=16)
+            loop_unlikelihood=3.0, val_max_utts=40, speed_utts=16,
+            ark_labels='train', ark_iters=600, ark_lr=3e-3, ark_eval=100, ark_opd_iters=100,
+            ark_opd_lr=1e-4)
 SMALL = dict(FULL, corpus='data/synth_piper_small', n_labeled=3, n_unlabeled=12, n_val=4,
              n_test=6, ood_voices=1, sft_iters=12, sft_eval=6, sft_batch_size=4, iters=3,
-             batch_size=4, warmup=1, val_max_utts=4, speed_utts=4)
+             batch_size=4, warmup=1, val_max_utts=4, speed_utts=4, ark_iters=12, ark_eval=6,
+             ark_opd_iters=3)
 cfg = SMALL if small else FULL
 base_out = 'out/demo' + ('_small' if small else '')
 out = base_out + (f'_seed{seed}' if seed != 1337 else '')
@@ -83,7 +93,7 @@ def prepare_data():
     unlabeled = [{k: v for k, v in r.items() if k != 'text'} for r in train[n_lab:]]
     paths = {'labeled': os.path.join(out, 'labeled.jsonl'),
              'unlabeled': os.path.join(out, 'unlabeled.jsonl')}
-    for name in ('val', 'val_espeak', 'test', 'test_espeak'):
+    for name in ('train', 'val', 'val_espeak', 'test', 'test_espeak'):
         paths[name] = os.path.join(cfg['corpus'], f'{name}.jsonl')
     data.write_manifest(paths['labeled'], train[:n_lab])
     data.write_manifest(paths['unlabeled'], unlabeled)
@@ -126,10 +136,9 @@ def train_row(row, paths, cache):
             and os.path.exists(os.path.join(rdir, 'summary.json'))):
         print(f"{row}: reusing {rdir}/ckpt.pt")
         return json.load(open(os.path.join(rdir, 'summary.json')))
-    init = os.path.join(out, 'td' if row == 'td_opd' else 'base', 'ckpt.pt')
-    if row != 'base' and not os.path.exists(init):
-        prev = 'td' if row == 'td_opd' else 'base'
-        sys.exit(f"demo.py: error: {row} needs {init}: run --rows={prev} first")
+    init = os.path.join(out, INIT.get(row, ''), 'ckpt.pt')
+    if row in INIT and not os.path.exists(init):
+        sys.exit(f"demo.py: error: {row} needs {init}: run --rows={INIT[row]} first")
     if os.path.exists(os.path.join(rdir, 'log.jsonl')):
         os.remove(os.path.join(rdir, 'log.jsonl'))
     common = dict(out_dir=rdir, encoder_cache_dir=CACHE_DIR, val_manifest=paths['val'], seed=seed,
@@ -145,6 +154,16 @@ def train_row(row, paths, cache):
             freeze_embeddings=True, train_manifest=paths['labeled'], max_iters=cfg['sft_iters'],
             learning_rate=cfg['sft_lr'], warmup_iters=10, dropout=0.1,
             eval_interval=cfg['sft_eval'], batch_size=cfg['sft_batch_size'])
+    elif row == 'ark_base':  # the audio-LLM: adapter and LM supervised on ark_labels
+        run('train.py', **supervised, student='audio_llm', init_from='weights/base',
+            student_layers=2, train_manifest=paths[cfg['ark_labels']], max_iters=cfg['ark_iters'],
+            learning_rate=cfg['ark_lr'], warmup_iters=10, eval_interval=cfg['ark_eval'],
+            batch_size=cfg['batch_size'], freeze_lm=True)
+    elif row == 'ark_opd':  # OPD through text, on the audio without its labels
+        run('distill.py', **dict(unlabeled, max_iters=cfg['ark_opd_iters'],
+                                 learning_rate=cfg['ark_opd_lr']),
+            teacher_path='weights/base', train_manifest=paths['unlabeled'], eval_interval=0,
+            ngram_stop=cfg['ngram_stop'])
     elif row == 'td':  # supervised like base, on the teacher's transcripts; the last weights
         labels = os.path.join(rdir, 'teacher_labels.jsonl')
         teacher_labels(paths, cache, labels)
@@ -236,14 +255,16 @@ def evaluate_row(row, test_rows, cache, name, extra=True):
 
 def gap_interval(utts, row, n_boot=2000):
     """Paired bootstrap over test utterances (one resample for base, row and teacher alike): the
-    2.5 / 97.5 percentiles of the share of the base -> teacher WER gap that row closes."""
-    rng, n, closed = random.Random(0), len(utts['base']), []
+    2.5 / 97.5 percentiles of the share of the base -> teacher WER gap that row closes (base:
+    BASE_OF[row])."""
+    base = BASE_OF[row]
+    rng, n, closed = random.Random(0), len(utts[base]), []
     for _ in range(n_boot):
         idx = [rng.randrange(n) for _ in range(n)]
         w = {r: sum(utts[r][i][1] for i in idx) / max(1, sum(utts[r][i][0] for i in idx))
-             for r in ('base', 'teacher', row)}
-        if w['base'] != w['teacher']:
-            closed.append((w['base'] - w[row]) / (w['base'] - w['teacher']))
+             for r in (base, 'teacher', row)}
+        if w[base] != w['teacher']:
+            closed.append((w[base] - w[row]) / (w[base] - w['teacher']))
     closed.sort()
     if not closed:
         return None
@@ -271,7 +292,8 @@ def measure_speed(student_row, test_rows, cache):
 
 def print_table(results, utts):
     print(f"\n{'row':<9} {'WER%':>7} {'S':>5} {'D':>5} {'I':>5} {'N':>5} {'med%':>6} "
-          f"{'bound%':>7} {'loops':>5} {'fallb%':>7} {'ood%':>7} {'VUSS':>6} {'train_s':>8}")
+          f"{'bound%':>7} {'loops':>5} {'fallb%':>7} {'ood%':>7} {'VUSS':>6} {'mism%':>6} "
+          f"{'train_s':>8}")
     for row in REF_ROWS + STUDENT_ROWS:
         r = results.get(row)
         if not r or 'wer' not in r:
@@ -283,27 +305,29 @@ def print_table(results, utts):
                    else f"{'-':>7} {'-':>5}")
         fallb = f"{100 * fb['wer']:7.2f}" if fb else f"{'-':>7}"
         ood = f"{100 * r['ood']['wer']:7.2f}" if r.get('ood') else f"{'-':>7}"
+        # the text route: the share of rollouts the teacher's tokenizer segments otherwise
+        mism = r.get('summary', {}).get('retokenize_mismatch_ratio')
+        mism = '-' if mism is None else f"{100 * mism:.1f}"
         print(f"{row:<9} {100 * r['wer']:7.2f} {r['s']:5d} {r['d']:5d} {r['i']:5d} {r['n']:5d} "
-              f"{100 * r['median_utt_wer']:6.1f} {bounded} {fallb} {ood} {vuss:>6} "
+              f"{100 * r['median_utt_wer']:6.1f} {bounded} {fallb} {ood} {vuss:>6} {mism:>6} "
               f"{train_s:>8}")
-    b, t, closes, intervals = results.get('base'), results.get('teacher'), {}, {}
+    t, closes, intervals = results.get('teacher'), {}, {}
     views = (('', '', lambda r: r.get('wer')),
              ('_bounded', ' (cut at the length bound)', lambda r: r.get('bounded', {}).get('wer')),
              ('_fallback', " (with Whisper's fallback)",
               lambda r: r.get('fallback', {}).get('wer')))
-    for key, name, get in views:
-        if not (b and t and get(b) is not None and get(t) is not None and get(b) != get(t)):
-            continue
-        for row in ('opd', 'opd_rkl', 'td', 'td_opd'):
+    for (key, name, get), row in itertools.product(views, BASE_OF):
+        b = results.get(BASE_OF[row])
+        if b and t and None not in (get(b), get(t)) and get(b) != get(t):
             if get(results.get(row, {})) is not None:
                 closes[row + key] = (get(b) - get(results[row])) / (get(b) - get(t))
                 ci = ''
-                if not key and row in utts:
+                if not key and {row, BASE_OF[row], 'teacher'} <= set(utts):
                     intervals[row] = gap_interval(utts, row)
                     ci = (f" (95% paired bootstrap {100 * intervals[row][0]:.0f}% .. "
                           f"{100 * intervals[row][1]:.0f}%)")
-                print(f"{row}: closes {100 * closes[row + key]:.0f}% of the base -> teacher "
-                      f"gap{name}{ci}")
+                print(f"{row}: closes {100 * closes[row + key]:.0f}% of the {BASE_OF[row]} -> "
+                      f"teacher gap{name}{ci}")
     return closes, intervals
 
 def over_seeds(name):
@@ -351,7 +375,7 @@ def plot(results):
               color=['C1' if r in REF_ROWS else 'C0' for r in names])
     ax[0].set_ylabel('test WER (%)')
     ax[0].tick_params(axis='x', rotation=30)
-    for row in ('opd', 'opd_rkl', 'td_opd'):
+    for row in ('opd', 'opd_rkl', 'td_opd', 'ark_opd'):
         path = os.path.join(out, row, 'log.jsonl')
         if os.path.exists(path):
             log = [r for r in map(json.loads, open(path)) if 'kl_st' in r]
@@ -384,8 +408,9 @@ if __name__ == '__main__':
                             'vuss': s['vuss_log'], 'summary': s}
     test_rows, ood_rows = (data.read_manifest(paths[name]) for name in SETS)
     utts, utts_ood = {}, {}
+    bases = {BASE_OF[r] for r in want if r in BASE_OF} | {'teacher'}  # for the gap closed
     for row in REF_ROWS + STUDENT_ROWS:
-        if row in want or (row in ('base', 'teacher') and os.path.exists(row_path(row))):
+        if row in want or (row in bases and os.path.exists(row_path(row))):
             t0 = time.time()
             res, utts[row] = evaluate_row(row, test_rows, cache, SETS[0])
             ood, utts_ood[row] = evaluate_row(row, ood_rows, cache, SETS[1], extra=False)
@@ -393,29 +418,30 @@ if __name__ == '__main__':
             res.pop('utts')  # per-utterance transcripts stay out of the table file
             res['ood'] = {k: ood[k] for k in SCORES}
             results[row] = dict(results.get(row, {}), **res)
-    student = next((r for r in ('opd', 'td_opd', 'base')
-                    if r in want and os.path.exists(row_path(r))), None)
-    if student and 'teacher' in want:
-        t0 = time.time()
-        results['speed'] = measure_speed(student, test_rows[:cfg['speed_utts']], cache)
-        stages['speed'] = time.time() - t0
+    for family in (('opd', 'td_opd', 'base'), ('ark_opd', 'ark_base')):  # one student of each
+        student = next((r for r in family if r in want and os.path.exists(row_path(r))), None)
+        if student and 'teacher' in want:
+            t0 = time.time()
+            results.setdefault('speed', {})[student] = measure_speed(
+                student, test_rows[:cfg['speed_utts']], cache)
+            stages[f'speed_{student}'] = time.time() - t0
     stages['total'] = time.time() - t_all
     results['stages_s'] = dict(results.get('stages_s', {}), **stages)
     results['config'] = dict(cfg, seed=seed, small=small)
     results['split'] = list(SETS)
     results['gap_closed'], results['gap_closed_ci95'] = print_table(results, utts)
-    b, t = results.get('base', {}).get('ood'), results.get('teacher', {}).get('ood')
-    if b and t and b['wer'] != t['wer']:  # the out-of-domain column: espeak-ng voices
-        results['gap_closed_ood'], results['gap_closed_ood_ci95'] = {}, {}
-        for row in ('opd', 'opd_rkl', 'td', 'td_opd'):
-            if results.get(row, {}).get('ood') and row in utts_ood:
+    results['gap_closed_ood'], results['gap_closed_ood_ci95'] = {}, {}
+    t = results.get('teacher', {}).get('ood')
+    for row in BASE_OF:  # the out-of-domain column: espeak-ng voices
+        b = results.get(BASE_OF[row], {}).get('ood')
+        if b and t and b['wer'] != t['wer']:
+            if results.get(row, {}).get('ood') and {row, BASE_OF[row]} <= set(utts_ood):
                 closed = (b['wer'] - results[row]['ood']['wer']) / (b['wer'] - t['wer'])
                 ci = gap_interval(utts_ood, row)
                 results['gap_closed_ood'][row], results['gap_closed_ood_ci95'][row] = closed, ci
                 print(f"{row}: closes {100 * closed:.0f}% of the gap on {SETS[1]} "
                       f"(95% paired bootstrap {100 * ci[0]:.0f}% .. {100 * ci[1]:.0f}%)")
-    if 'speed' in results:
-        sp = results['speed']
+    for sp in results.get('speed', {}).values():
         print(f"greedy decode speed ({sp['utterances']} utts, encoder included): "
               f"{sp['student_row']} RTFx {sp['student_rtfx']:.1f} vs teacher "
               f"{sp['teacher_rtfx']:.1f} ({sp['speedup']:.2f}x); decoder alone "

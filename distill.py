@@ -14,6 +14,10 @@ One step, as the paper states it (opd_step, then the update in the loop):
    on U_t, KL(p_T || p_S), averaged over every scored position of the (global) batch;
 5. update: AdamW on the student's decoder (fp32 master weights).
 The other objectives (fkl, rkl, jsd, pg) are small pure functions below (opd_loss).
+A student with its own tokenizer and prompt (the audio-LLM: python distill.py
+config/distill_ark_opd.py) goes through text instead (opd_step_text): its rollout is decoded,
+re-tokenized and scored by the teacher under the teacher's prompt, and the top-k ids are mapped
+between the vocabularies by token string.
 """
 import dataclasses
 import gc
@@ -32,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
-from model import Whisper, length_mask
+import whisper_io
+from model import AudioLLM, length_mask
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -103,23 +108,28 @@ def length_bounds(durations):
 
 @torch.no_grad()
 def rollout(model, xa, prompts, tok, max_lens, topk=0, generator=None, bf16=False, xa_mask=None):
-    """The model transcribes the audio itself (model.generate, dropout off); one call per prompt.
-    Returns tokens (no prompt, no EOT), ended (EOT reached) and, with topk, the top-k ids per step.
+    """The model transcribes the audio itself (model.generate, dropout off); one call per prompt
+    (the audio-LLM: one call, a prompt per clip). Returns tokens (no prompt, no EOT), ended (EOT
+    reached) and, with topk, the top-k ids per step.
     bf16 (CPU): the two largest matmuls (cross-attention K/V, output projection) in bf16."""
     was_training = model.training
     model.eval()
     B = len(prompts)
     tokens, ended, top_ids = [None] * B, [False] * B, [None] * B
-    for prompt in dict.fromkeys(map(tuple, prompts)):
-        idx = [b for b in range(B) if tuple(prompts[b]) == prompt]
+    audio_llm = isinstance(model, AudioLLM)
+    groups = [list(range(B))] if audio_llm else [[b for b in range(B) if tuple(prompts[b]) == p]
+                                                 for p in dict.fromkeys(map(tuple, prompts))]
+    for idx in groups:
         kv, project = None, True
         if bf16 and xa.device.type == 'cpu':
-            with torch.autocast('cpu', torch.bfloat16):
-                kv = model.decoder.cross_kv(xa[idx])
-                kv = {m: (k.float(), v.float()) for m, (k, v) in kv.items()}
+            if not audio_llm:
+                with torch.autocast('cpu', torch.bfloat16):
+                    kv = model.decoder.cross_kv(xa[idx])
+                    kv = {m: (k.float(), v.float()) for m, (k, v) in kv.items()}
             project = model.decoder.token_embedding.weight.detach().to(torch.bfloat16)
         m = None if xa_mask is None else xa_mask[idx]
-        out = model.generate(xa[idx], list(prompt), tok.eot, max_new_tokens=max_new_tokens,
+        prompt = [prompts[b] for b in idx] if audio_llm else list(prompts[idx[0]])
+        out = model.generate(xa[idx], prompt, tok.eot, max_new_tokens=max_new_tokens,
                              suppress=tok.suppress, suppress_blank=tok.suppress_blank,
                              temperature=temperature, max_lens=[max_lens[b] for b in idx],
                              generator=generator, stop_ngram=ngram_stop, topk=topk, kv_cache=kv,
@@ -160,14 +170,20 @@ def masked_log_softmax(logits, suppress=()):
         logits = logits.index_fill(-1, idx, -math.inf)
     return F.log_softmax(logits, dim=-1)
 
-def union_support(ids_s, lp_t, k):
+def union_support(ids_s, lp_t, k, t2s=None, s2t=None):
     """U_t = the student's top-k ids (N, k) then the teacher's (N, 2k), and which entries count:
-    not a duplicate of a student id, not a masked token. dup: teacher ids the student has too."""
+    not a duplicate of a student id, not a masked token. dup: teacher ids the student has too.
+    The text route's maps (whisper_io.token_map; -1: no token of that string): U_t in student
+    ids, the teacher's top-k mapped by t2s, the teacher read at s2t[U_t]; unmapped ones don't
+    count."""
     ids_t = lp_t.topk(k, dim=-1).indices
+    ids_t = ids_t if t2s is None else t2s[ids_t]
     dup = (ids_t[:, :, None] == ids_s[:, None, :]).any(-1)
     union = torch.cat([ids_s, ids_t], dim=1)
-    valid = torch.cat([torch.ones_like(dup), ~dup], dim=1) & lp_t.gather(1, union).isfinite()
-    return union, valid, dup
+    at_t = union if s2t is None else s2t[union.clamp(min=0)]
+    valid = (torch.cat([torch.ones_like(dup), ~dup], dim=1) & (union >= 0) & (at_t >= 0) &
+             lp_t.gather(1, at_t.clamp(min=0)).isfinite())
+    return union.clamp(min=0), valid, dup
 
 def kl(lp_p, lp_q):
     """KL(p || q) per row from log-probabilities; entries where p = 0 contribute 0 (and no nan)."""
@@ -295,6 +311,80 @@ def opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts, durations, gen
                          kl_ts=(b.exp() * (b - a)).sum().item(), kl_positions=len(x))
     return per_pos.sum(), ok.sum(), stats
 
+def opd_step_text(student, teacher, s_tok, t_tok, maps, rescore, xa_t, xa_s, s_prompts, t_prompts,
+                  durations, refs, m_t=None, m_s=None, generator=None, full_diag=False):
+    """Steps 1-4 through text, for a student with its own tokenizer and prompt (the audio-LLM).
+    maps: (teacher -> student, student -> teacher) ids, whisper_io.token_map; refs: the labels,
+    used only where a rollout is empty; m_t / m_s: the real encoder frames each model reads.
+    With one tokenizer and prompt on both sides this is opd_step (tests/test_audiollm.py)."""
+    dev, k = xa_t.device.type, min(topk, student.dims.n_vocab)
+    t2s, s2t = (m.to(xa_t.device) for m in maps)
+    t0 = now(dev)
+    # 1. rollout: the student's own transcripts (cut at its stop token), its top-k ids per step
+    seqs, ended0, top_s = rollout(student, xa_s, s_prompts, s_tok, length_bounds(durations), k,
+                                  generator, student_bf16, m_s)
+    # 2a. to text, re-tokenized by the teacher (an empty rollout: the reference, if there is one),
+    # and the teacher's tokens mapped back to student ids: a rollout with one the student lacks
+    # is dropped
+    texts = [s_tok.decode(s) for s in seqs]
+    back = [not t.strip() and bool(r) for t, r in zip(texts, refs)]
+    texts = [r if b else t for t, r, b in zip(texts, refs, back)]
+    ended = [e or b for e, b in zip(ended0, back)]
+    t_seqs = [t_tok.encode_text(t) if t else [] for t in texts]
+    s_seqs = [t2s[torch.tensor(s, dtype=torch.long)].tolist() for s in t_seqs]
+    keep = [b for b, s in enumerate(s_seqs) if min(s, default=0) >= 0]
+    same = [s_seqs[b] == seqs[b] for b in keep]  # else the rollout's top-k rows are misaligned
+    sub = lambda xs: None if xs is None else (xs[keep] if torch.is_tensor(xs) else
+                                             [xs[b] for b in keep])
+    stats = dict(positions=0, rollout_len=sum(map(len, seqs)), ended=sum(ended0),
+                 rollouts=len(seqs), mismatch=sum(s != q for s, q in zip(s_seqs, seqs)),
+                 dropped=len(seqs) - len(keep), looped=loop_tails(
+                     [[]] * len(seqs), seqs, ended0, ngram_stop, (len(seqs), max_new_tokens + 1)
+                 ).any(1).sum().item())
+    if not keep:  # nothing to score (one process only: DDP would wait for this rank's forward)
+        return sum(p.sum() for p in rescore.parameters()) * 0.0, torch.tensor(0), stats
+    tokens_t, targets_t = pack(sub(t_prompts), sub(t_seqs), sub(ended), t_tok.eot)
+    tokens_s, targets_s = pack(sub(s_prompts), sub(s_seqs), sub(ended), s_tok.eot)
+    tokens_t, tokens_s = tokens_t.to(xa_t.device), tokens_s.to(xa_t.device)
+    mask_t, mask_s = (targets_t != -100).to(xa_t.device), (targets_s != -100).to(xa_t.device)
+    xs, ms = sub(xa_s), sub(m_s)
+    t1 = now(dev)
+    # 2b. teacher scores, under its own prompt: full masked log-probabilities (N, V_teacher)
+    with torch.no_grad(), amp(dev, teacher_bf16):
+        lp_t = masked_log_softmax(teacher.decoder(tokens_t, sub(xa_t), xa_mask=sub(m_t))[mask_t],
+                                  t_tok.suppress)
+    t2 = now(dev)
+    # 3. student re-scores the teacher's tokens mapped back, with gradients, on U_t's ids only
+    # (as opd_step). Its top-k: the rollout's, or where the re-tokenization differs, recomputed
+    redo = [j for j, ok in enumerate(same) if not ok]
+    if redo:
+        with torch.no_grad(), amp(dev, student_bf16):
+            lp = student.decoder(tokens_s[redo], xs[redo], xa_mask=None if ms is None else ms[redo])
+            top = masked_log_softmax(lp, s_tok.suppress).topk(k, dim=-1).indices
+        top = dict(zip(redo, (t[m] for t, m in zip(top, mask_s[redo]))))
+    ids_s = torch.cat([top_s[b].to(lp_t.device) if ok else top[j]
+                       for j, (b, ok) in enumerate(zip(keep, same))])
+    union, valid, dup = union_support(ids_s, lp_t, k, t2s, s2t)
+    with amp(dev, student_bf16):
+        s_u = rescore(tokens_s, xs, select=mask_s, ids=union, xa_mask=ms)
+    # 4. union top-k forward KL per position; a position whose teacher top-k keeps < 2 student
+    # ids does not count
+    per_pos, ok = topk_union_kl(s_u, lp_t.gather(1, s2t[union].clamp(min=0)), valid)
+    mapped = (dup | valid[:, k:]).sum(1)  # the teacher's top-k ids with a student counterpart
+    per_pos, ok = torch.where(mapped >= 2, per_pos, 0.0), ok & (mapped >= 2)
+    stats.update(vuss=valid.sum().item(), overlap=dup.float().mean(1).sum().item(),
+                 positions=len(lp_t), unmapped=(k * len(lp_t) - mapped.sum()).item(),
+                 t_rollout=t1 - t0, t_teacher=t2 - t1)
+    if full_diag:  # the full-vocabulary KLs over the student's vocabulary
+        with torch.no_grad():
+            lp_s = masked_log_softmax(student.decoder(tokens_s, xs, xa_mask=ms)[mask_s],
+                                      s_tok.suppress)
+            lp_ts = lp_t[:, s2t.clamp(min=0)].masked_fill(s2t < 0, -math.inf)
+            a, b = lp_s.clamp(min=-1e4), lp_ts.clamp(min=-1e4)  # masked ids: 0 * 0
+            stats.update(kl_st=(a.exp() * (a - b)).sum().item(),
+                         kl_ts=(b.exp() * (b - a)).sum().item(), kl_positions=len(lp_t))
+    return per_pos.sum(), ok.sum(), stats
+
 def fail(msg):
     print(f"distill.py: error: {msg}", file=sys.stderr)
     sys.exit(1)
@@ -334,8 +424,13 @@ def main():
     if not os.path.exists(path):
         fail(f"init_from={init_from!r}: {path} does not exist")
     student, student_tok, checkpoint = evaluate.load_checkpoint(path)
-    if student_tok.to_dict() != tok.to_dict():
-        fail(f"{path} and {teacher_path} have different tokenizers")
+    # the text route (opd_step_text): a student with its own tokenizer or prompt (the audio-LLM)
+    audio_llm = isinstance(student, AudioLLM)
+    text_route = audio_llm or student_tok.to_dict() != tok.to_dict()
+    if text_route and (loss != 'topk_union' or loop_unlikelihood > 0):
+        fail(f"{path}: the text route (an audio-LLM student, or another tokenizer) takes "
+             f"loss='topk_union' and no loop_unlikelihood")
+    maps = (whisper_io.token_map(tok, student_tok), whisper_io.token_map(student_tok, tok))
     if init_from == 'resume' and checkpoint['config']['teacher_path'] != teacher_path:
         fail(f"{path} was distilled from {checkpoint['config']['teacher_path']}, "
              f"not {teacher_path}")
@@ -343,14 +438,14 @@ def main():
     checkpoint = checkpoint if init_from == 'resume' else None
     if student.dims.dropout:  # rollouts and updates alike without dropout
         weights = student.state_dict()
-        student = Whisper(dataclasses.replace(student.dims, dropout=0.0))
+        student = type(student)(dataclasses.replace(student.dims, dropout=0.0))
         student.load_state_dict(weights)
     frozen = sorted(set(frozen) | {n for n, _ in student.named_parameters()
                                    if n.startswith(('encoder.', 'ctc_head.'))})
     for n, p in student.named_parameters():
         p.requires_grad_(n not in frozen)
     student.to(dev).train()
-    if student.dims.n_vocab != teacher.dims.n_vocab:
+    if not text_route and student.dims.n_vocab != teacher.dims.n_vocab:
         fail(f"student vocab {student.dims.n_vocab} != teacher vocab {teacher.dims.n_vocab}")
     n_frames = evaluate.whisper_frames(student, tok)  # 3000 for Whisper weights, else None
     sd_s, sd_t = student.encoder.state_dict(), teacher.encoder.state_dict()
@@ -364,10 +459,13 @@ def main():
     # data: the audio only
     def fits(row):
         n_tok = len(tok.sot_sequence(row.get('lang'))) + max_new_tokens
+        if audio_llm:  # its prompt holds the audio tokens too
+            n_tok = max(n_tok, len(student_tok.prompt(row['duration'] * 100)) + max_new_tokens)
         return row['duration'] * 100 <= student.dims.n_audio_ctx * student.dims.conv_stride and \
             n_tok <= student.dims.n_text_ctx
     rows = data.check_audio(data.read_manifest(train_manifest))  # every clip's header, now
     train_rows = [dict(r, text=None) for r in rows if fits(r)]
+    refs = [r.get('text') for r in rows if fits(r)]  # the text route's empty rollouts only
     if master and len(train_rows) < len(rows):
         print(f"skipping {len(rows) - len(train_rows)} utterances too long for the student")
     if not train_rows:
@@ -425,7 +523,8 @@ def main():
         if master:
             ckpt = {'model': student.state_dict(), 'optimizer': optimizer.state_dict(),
                     'model_args': dataclasses.asdict(student.dims), 'iter_num': iter_num,
-                    'best_val_wer': best_val_wer, 'config': config, 'tokenizer': tok.to_dict(),
+                    'best_val_wer': best_val_wer, 'config': config,
+                    'tokenizer': student_tok.to_dict(),
                     'frozen': frozen, 'loader': dict(loader),
                     'rng': {'generator': gens, 'torch': torch.get_rng_state()}}
             evaluate.atomic_save(ckpt, ckpt_path)
@@ -442,7 +541,8 @@ def main():
               f"{teacher.get_num_params() / 1e6:.1f}M, {'shared ' * shared}frozen encoder, "
               f"{len(train_rows)} utterances, {world_size} process(es)")
     keys = ['loss', 'kl_st', 'kl_ts', 'kl_positions', 'vuss', 'overlap', 'positions', 'rollout_len',
-            'ended', 'looped', 'rollouts', 't_rollout', 't_teacher', 't_step']
+            'ended', 'looped', 'rollouts', 't_rollout', 't_teacher', 't_step', 'mismatch',
+            'unmapped', 'dropped']
     sums, t_start, saved = dict.fromkeys(keys, 0.0), time.time(), False
     start_iter = last_logged = iter_num
     while True:
@@ -451,7 +551,8 @@ def main():
         if (last or (eval_interval and iter_num % eval_interval == 0)) and iter_num > start_iter:
             wer = None
             if master and val_rows:
-                hyps = evaluate.transcribe(student, tok, val_rows, eval_batch_size, encode=cache_s)
+                hyps = evaluate.transcribe(student, student_tok, val_rows, eval_batch_size,
+                                           encode=cache_s)
                 wer = evaluate.report(val_rows, hyps, 1.0)['wer']
                 print(f"iter {iter_num}: val WER {100 * wer:.2f}% on {len(val_rows)} utts")
                 log_json({'iter': iter_num, 'val_wer': wer,
@@ -484,8 +585,19 @@ def main():
         # the full-vocabulary KLs on the last step before each log line
         full_diag = (iter_num + 1) % log_interval == 0 or iter_num + 1 == max_iters
         # steps 1-4: rollout, teacher scores, student re-scores, per-position divergence
-        loss_sum, n, stats = opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts,
-                                      batch['duration'].tolist(), generator, full_diag, frames)
+        if text_route:  # the audio-LLM: a prompt per clip; its adapter reads the real frames only
+            real = length_mask(batch['mel_lengths'].to(dev), mel.shape[2])
+            s_prompts = ([student_tok.prompt(n) for n in batch['mel_lengths'].tolist()] if audio_llm
+                         else [student_tok.sot_sequence(train_rows[i].get('lang'))
+                               for i in batch['index']])
+            loss_sum, n, stats = opd_step_text(
+                student, teacher, student_tok, tok, maps, rescore, xa_t, xa_s, s_prompts, prompts,
+                batch['duration'].tolist(), [refs[i] for i in batch['index']],
+                teacher.encoder.frames_mask(frames),
+                student.encoder.frames_mask(real if audio_llm else frames), generator, full_diag)
+        else:
+            loss_sum, n, stats = opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts,
+                                          batch['duration'].tolist(), generator, full_diag, frames)
         # 5. update. The mean is over the positions of the GLOBAL batch: every rank divides by the
         # global count times the world size (DDP averages gradients): one process's update
         count = n.float()
@@ -523,6 +635,9 @@ def main():
                       'ms_teacher': 1000 * s['t_teacher'] / steps,
                       'ms_step': 1000 * s['t_step'] / steps,
                       'minutes': (time.time() - t_start) / 60}
+            if text_route:  # rollouts the teacher's tokenizer segments otherwise; ids dropped
+                record.update(retokenize_mismatch_ratio=s['mismatch'] / ro,
+                              unmapped=s['unmapped'] / steps, dropped_rollouts=s['dropped'])
             if master:
                 print(f"iter {iter_num}: " + ', '.join(f"{k} {v:.4g}" for k, v in record.items()
                                                        if k != 'iter'))

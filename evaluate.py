@@ -26,7 +26,7 @@ import torch
 import data
 import whisper_io
 from score import score
-from model import ModelDimensions, Whisper, length_mask
+from model import AudioLLM, AudioLLMDimensions, ModelDimensions, Whisper, length_mask
 
 # -----------------------------------------------------------------------------
 # models: the one loader, and a cache of a frozen encoder's outputs
@@ -58,7 +58,9 @@ def load_checkpoint(path, device="cpu"):
         model, tokenizer = whisper_io.load_whisper(path)
         return model.to(device).eval(), tokenizer, None
     try:
-        model = Whisper(ModelDimensions(**ckpt["model_args"]))
+        args = ckpt["model_args"]  # the audio-LLM's dimensions name its <|audio|> token
+        model = (AudioLLM(AudioLLMDimensions(**args)) if "audio_token" in args else
+                 Whisper(ModelDimensions(**args)))
         prefix = r"^(_orig_mod\.|module\.)+"  # added by torch.compile and DDP
         model.load_state_dict({re.sub(prefix, "", k): v for k, v in ckpt["model"].items()})
         tokenizer = whisper_io.tokenizer_from_dict(ckpt["tokenizer"])
@@ -135,9 +137,11 @@ class EncoderCache:
 # decoding
 
 def whisper_frames(model, tokenizer):
-    """Whisper weights (n_audio_ctx 1500, a Whisper tokenizer) only know 30-s windows: 3000 mel
-    frames; None for our models (mels padded to the longest in the batch)."""
-    whisper = model.dims.n_audio_ctx == 1500 and isinstance(tokenizer, whisper_io.WhisperTokenizer)
+    """Whisper weights (n_audio_ctx 1500, a Whisper tokenizer) and the audio-LLM on a Whisper
+    encoder only know 30-s windows: 3000 mel frames; None for our models (mels padded to the
+    longest in the batch)."""
+    whisper = model.dims.n_audio_ctx == 1500 and (
+        isinstance(tokenizer, whisper_io.WhisperTokenizer) or isinstance(model, AudioLLM))
     return data.N_FRAMES if whisper else None
 
 def _duration(row):
@@ -160,7 +164,7 @@ def too_long(model, tokenizer, rows, n_frames=None):
     frames). Our models' encoders take n_audio_ctx * conv_stride frames (or n_frames); Whisper
     weights have no limit: they transcribe a long clip in 30-s windows
     (whisper_io.transcribe_long)."""
-    if whisper_frames(model, tokenizer):
+    if whisper_frames(model, tokenizer) and not isinstance(model, AudioLLM):
         return [], None
     limit = model.dims.n_audio_ctx * getattr(model.dims, "conv_stride", 2)
     limit = min(n_frames or limit, limit)
@@ -182,7 +186,8 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
     a dict to fill with row index -> (tokens, ended) as rows finish (kept if a later clip fails)."""
     if beam > 1 and temperature > 0:
         raise ValueError("decode: beam search or sampling, not both")
-    windowed = whisper_frames(model, tokenizer) is not None  # long clips in 30-s windows
+    audio_llm = isinstance(model, AudioLLM)
+    windowed = whisper_frames(model, tokenizer) is not None and not audio_llm  # in 30-s windows
     n_frames = n_frames or whisper_frames(model, tokenizer)
     beyond, limit = too_long(model, tokenizer, rows, n_frames)
     if beyond and not truncate:
@@ -231,6 +236,9 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
         mask = None if n_frames else length_mask(n, T)
         xa = encode(mel, [rows[k]["audio"] for k in idx]) if encode else model.encoder(mel, mask)
         prompt, m = list(prompts[idx[0]]), model.encoder.frames_mask(mask)
+        if audio_llm:  # a prompt per clip, an <|audio|> per audio token of its real frames
+            prompt = [tokenizer.prompt(k) for k in n.tolist()]
+            m = model.encoder.frames_mask(length_mask(n, T))
         if beam > 1:
             out = model.beam_search(xa, prompt, tokenizer.eot, beam_size=beam, xa_mask=m, **kw)
         else:

