@@ -51,6 +51,7 @@ if __name__ == '__main__':
 STUDENT_ROWS = ['base', 'opd', 'opd_rkl', 'td', 'td_opd', 'ark_base', 'ark_opd']
 INIT = {'opd': 'base', 'opd_rkl': 'base', 'td': 'base', 'td_opd': 'td', 'ark_opd': 'ark_base'}
 BASE_OF = dict(INIT, td_opd='base')  # the row whose gap to the teacher a row closes
+ARK_ROWS = {'ark_base', 'ark_opd'}  # the audio-LLM student: its own training clips
 REF_ROWS = ['teacher', 'tiny_en']
 CACHE_DIR = 'out/demo/encoder_cache'  # base's encoder outputs, shared by every row, seed and run
 CORPUS_SEED = 1337
@@ -63,9 +64,10 @@ FULL = dict(corpus='data/synth_piper', n_labeled=80, n_unlabeled=320, n_val=40, 
             ood_voices=2, sft_iters=200, sft_lr=2e-4, sft_eval=25, sft_batch_size=8,
             token_noise=0.3, iters=100, lr=3e-4, batch_size=16, warmup=5, ngram_stop=4,
             loop_unlikelihood=3.0, val_max_utts=40, speed_utts=16,
-            ark_labels='train', ark_iters=600, ark_lr=3e-3, ark_eval=100, ark_opd_iters=100,
-            ark_opd_lr=1e-4)
-SMALL = dict(FULL, corpus='data/synth_piper_small', n_labeled=3, n_unlabeled=12, n_val=4,
+            ark_corpus='data/synth_piper_ark', ark_n_train=1600, ark_iters=1500, ark_lr=3e-3,
+            ark_eval=250, ark_opd_iters=100, ark_opd_lr=1e-4)
+SMALL = dict(FULL, corpus='data/synth_piper_small', ark_corpus='data/synth_piper_ark_small',
+             ark_n_train=16, n_labeled=3, n_unlabeled=12, n_val=4,
              n_test=6, ood_voices=1, sft_iters=12, sft_eval=6, sft_batch_size=4, iters=3,
              batch_size=4, warmup=1, val_max_utts=4, speed_utts=4, ark_iters=12, ark_eval=6,
              ark_opd_iters=3)
@@ -98,6 +100,18 @@ def prepare_data():
     data.write_manifest(paths['labeled'], train[:n_lab])
     data.write_manifest(paths['unlabeled'], unlabeled)
     print(f"demo data: {n_lab} labeled + {len(unlabeled)} unlabeled train utterances -> {out}")
+    if ARK_ROWS & set(want):  # the audio-LLM's own training clips, every one labeled (Ark-Base)
+        ark = cfg['ark_corpus']
+        if not os.path.exists(os.path.join(ark, 'test.jsonl')):
+            # the same seed and split sizes: the same val/test sentences as the demo's (unused
+            # here), and none of them in its train split
+            synth.synth_corpus(ark, text='fortunes', voices='piper', n_train=cfg['ark_n_train'],
+                               n_val=cfg['n_val'], n_test=cfg['n_test'], seed=CORPUS_SEED)
+        paths['ark_train'] = os.path.join(ark, 'train.jsonl')
+        paths['ark_unlabeled'] = os.path.join(out, 'ark_unlabeled.jsonl')  # the same audio
+        rows = data.read_manifest(paths['ark_train'])
+        data.write_manifest(paths['ark_unlabeled'], [{k: v for k, v in r.items() if k != 'text'}
+                                                     for r in rows])
     return paths
 
 def encode_all(paths):
@@ -105,7 +119,9 @@ def encode_all(paths):
     (float16)."""
     model = evaluate.load_checkpoint('weights/base')[0]
     cache = evaluate.EncoderCache(model.encoder, CACHE_DIR, torch.autocast('cpu', torch.bfloat16))
-    for name in ('labeled', 'unlabeled', 'val') + SETS:
+    whisper_rows = set(want) & set(STUDENT_ROWS) - ARK_ROWS  # they train on labeled, unlabeled
+    names = ['val', *SETS] + ['labeled', 'unlabeled'] * bool(whisper_rows)
+    for name in names + ['ark_train'] * ('ark_train' in paths):
         for batch in data.Batches(data.read_manifest(paths[name]), None, batch_size=8,
                                   n_frames=data.N_FRAMES, shuffle=False):
             cache(batch['mel'], batch['audio'])
@@ -154,16 +170,17 @@ def train_row(row, paths, cache):
             freeze_embeddings=True, train_manifest=paths['labeled'], max_iters=cfg['sft_iters'],
             learning_rate=cfg['sft_lr'], warmup_iters=10, dropout=0.1,
             eval_interval=cfg['sft_eval'], batch_size=cfg['sft_batch_size'])
-    elif row == 'ark_base':  # the audio-LLM: adapter and LM supervised on ark_labels
+    elif row == 'ark_base':  # the audio-LLM: its adapter supervised on every ark_train label
         run('train.py', **supervised, student='audio_llm', init_from='weights/base',
-            student_layers=2, train_manifest=paths[cfg['ark_labels']], max_iters=cfg['ark_iters'],
+            student_layers=2, train_manifest=paths['ark_train'], max_iters=cfg['ark_iters'],
             learning_rate=cfg['ark_lr'], warmup_iters=10, eval_interval=cfg['ark_eval'],
             batch_size=cfg['batch_size'], freeze_lm=True)
-    elif row == 'ark_opd':  # OPD through text, on the audio without its labels
+    elif row == 'ark_opd':  # OPD through text, on the same audio without its labels
         run('distill.py', **dict(unlabeled, max_iters=cfg['ark_opd_iters'],
                                  learning_rate=cfg['ark_opd_lr']),
-            teacher_path='weights/base', train_manifest=paths['unlabeled'], eval_interval=0,
-            ngram_stop=cfg['ngram_stop'])
+            teacher_path='weights/base', train_manifest=paths['ark_unlabeled'], eval_interval=0,
+            ngram_stop=cfg['ngram_stop'], loop_unlikelihood=cfg['loop_unlikelihood'],
+            train_lm=True)
     elif row == 'td':  # supervised like base, on the teacher's transcripts; the last weights
         labels = os.path.join(rdir, 'teacher_labels.jsonl')
         teacher_labels(paths, cache, labels)

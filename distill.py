@@ -50,6 +50,7 @@ init_from = 'out/base/ckpt.pt'  # the student (train.py's base row), or 'resume'
 # teacher and student (the student's encoder is frozen: OPD trains its decoder)
 teacher_path = 'weights/base'  # Whisper weights (.pt / HF dir / CT2 dir) or our checkpoint; frozen
 encoder_cache_dir = ''  # keep frozen encoders' outputs here (Whisper's fixed 30-s window only)
+train_lm = False  # the audio-LLM: train its LM too, which Ark-Base (train.py freeze_lm) kept frozen
 # data: OPD reads only the audio of train_manifest
 train_manifest = 'data/synth_grammar/train.jsonl'
 val_manifest = 'data/synth_grammar/val.jsonl'
@@ -239,6 +240,14 @@ class Rescore(nn.Module):
         w = self.model.decoder.token_embedding.weight  # tied output embedding
         return torch.einsum('nd,nmd->nm', x[select], w[ids].to(x.dtype)).float()
 
+def union_unlikelihood(s_u, union, valid, x):
+    """-log(1 - p_S(x)) per position, p_S renormalised on U_t (s_u: the student's logits of
+    union's ids), and whether the rollout's own token x is in U_t at all."""
+    lp_u = F.log_softmax(s_u.float().masked_fill(~valid, -math.inf), dim=-1)
+    hit = (union == x[:, None]) & valid
+    lp_x = lp_u.gather(1, hit.float().argmax(1, keepdim=True)).squeeze(1)
+    return -torch.log1p(-lp_x.exp().clamp(max=1 - 1e-6)), hit.any(1)
+
 def now(device_type):
     if device_type == 'cuda':
         torch.cuda.synchronize()
@@ -286,14 +295,11 @@ def opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts, durations, gen
     loops = loop_tails(prompts, seqs, ended, ngram_stop, targets.shape)
     loop = loops[mask.cpu()].to(per_pos.device)
     if loop_unlikelihood > 0 and loop.any():
-        if union_only:  # p_S renormalised on U_t, where the rollout's own token is
-            lp_u = F.log_softmax(s_u.float().masked_fill(~valid, -math.inf), dim=-1)
-            hit = (union == x[:, None]) & valid
-            lp_x = lp_u.gather(1, hit.float().argmax(1, keepdim=True)).squeeze(1)
-            loop = loop & hit.any(1)
+        if union_only:
+            ul, inside = union_unlikelihood(s_u, union, valid, x)
+            loop = loop & inside
         else:
-            lp_x = lp_s.gather(1, x[:, None]).squeeze(1)
-        ul = -torch.log1p(-lp_x.exp().clamp(max=1 - 1e-6))
+            ul = -torch.log1p(-lp_s.gather(1, x[:, None]).squeeze(1).exp().clamp(max=1 - 1e-6))
         per_pos, ok = torch.where(loop, loop_unlikelihood * ul, per_pos), ok | loop
     # diagnostics: VUSS (valid tokens in U_t) and overlap |S top-k & T top-k| / k, and on log
     # steps the full-vocabulary KLs (one more student forward for topk_union)
@@ -372,6 +378,13 @@ def opd_step_text(student, teacher, s_tok, t_tok, maps, rescore, xa_t, xa_s, s_p
     per_pos, ok = topk_union_kl(s_u, lp_t.gather(1, s2t[union].clamp(min=0)), valid)
     mapped = (dup | valid[:, k:]).sum(1)  # the teacher's top-k ids with a student counterpart
     per_pos, ok = torch.where(mapped >= 2, per_pos, 0.0), ok & (mapped >= 2)
+    # anti-loop, as in opd_step: the tail of a rollout cut at a repeated n-gram is trained away
+    loop = loop_tails(sub(s_prompts), sub(s_seqs), sub(ended), ngram_stop, targets_s.shape)
+    loop = loop[mask_s.cpu()].to(per_pos.device)
+    if loop_unlikelihood > 0 and loop.any():
+        ul, inside = union_unlikelihood(s_u, union, valid, targets_s.to(mask_s.device)[mask_s])
+        loop = loop & inside
+        per_pos, ok = torch.where(loop, loop_unlikelihood * ul, per_pos), ok | loop
     stats.update(vuss=valid.sum().item(), overlap=dup.float().mean(1).sum().item(),
                  positions=len(lp_t), unmapped=(k * len(lp_t) - mapped.sum()).item(),
                  t_rollout=t1 - t0, t_teacher=t2 - t1)
@@ -427,14 +440,16 @@ def main():
     # the text route (opd_step_text): a student with its own tokenizer or prompt (the audio-LLM)
     audio_llm = isinstance(student, AudioLLM)
     text_route = audio_llm or student_tok.to_dict() != tok.to_dict()
-    if text_route and (loss != 'topk_union' or loop_unlikelihood > 0):
+    if text_route and loss != 'topk_union':
         fail(f"{path}: the text route (an audio-LLM student, or another tokenizer) takes "
-             f"loss='topk_union' and no loop_unlikelihood")
+             f"loss='topk_union'")
     maps = (whisper_io.token_map(tok, student_tok), whisper_io.token_map(student_tok, tok))
     if init_from == 'resume' and checkpoint['config']['teacher_path'] != teacher_path:
         fail(f"{path} was distilled from {checkpoint['config']['teacher_path']}, "
              f"not {teacher_path}")
     frozen = (checkpoint or {}).get('frozen', [])
+    if train_lm:  # OPD has no labels to memorise: the whole decoder (LM and adapter) trains
+        frozen = [n for n in frozen if not n.startswith('decoder.')]
     checkpoint = checkpoint if init_from == 'resume' else None
     if student.dims.dropout:  # rollouts and updates alike without dropout
         weights = student.state_dict()

@@ -1,16 +1,17 @@
 # Ark-Base, the audio-LLM student's supervised row, as the demo runs it (python demo.py
 # --rows=ark_base): Whisper base's frozen encoder, a fresh adapter and a causal LM from base's
 # decoder layers 0 and 5 (self-attention and MLP, no cross-attention; whisper_io.make_audio_llm),
-# CE on transcript + <|im_end|>. The paper's Ark-Base is fully supervised: every training clip
-# keeps its label here (ark_opd then reads the 320 of them without). Only the adapter trains: with
-# the LM trained too, dev loss rose while train loss fell (it memorised the 400 texts; RESULTS.md).
+# CE on transcript + <|im_end|>. The paper's Ark-Base is fully supervised: the demo synthesizes
+# 1,600 Piper clips of its own for it (data/synth_piper_ark, every one labeled; ark_opd then reads
+# the same audio without its labels). Only the adapter trains: with the LM trained too, dev loss
+# rose while train loss fell (it memorised the texts; RESULTS.md).
 out_dir = 'out/demo/ark_base'
 student = 'audio_llm'
 init_from = 'weights/base'
 student_layers = 2
 freeze_lm = True
 encoder_cache_dir = 'out/demo/encoder_cache'  # the demo's cached base encoder outputs
-train_manifest = 'data/synth_piper/train.jsonl'
+train_manifest = 'data/synth_piper_ark/train.jsonl'  # python demo.py --rows=ark_base writes it
 val_manifest = 'data/synth_piper/val.jsonl'  # dev
 val_max_utts = 40
 lowercase = False
@@ -21,7 +22,7 @@ learning_rate = 3e-3  # the adapter starts from scratch
 weight_decay = 0.005
 beta2 = 0.95
 warmup_iters = 10
-max_iters = 600
+max_iters = 1500
 min_lr = 1e-5
-eval_interval = 100
+eval_interval = 250
 log_interval = 5

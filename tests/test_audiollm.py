@@ -231,9 +231,14 @@ class CharTokenizer:
     def sot_sequence(self, language=None):
         return [self.sot]
 
-def test_one_tokenizer_text_route_is_opd_step_exactly():
+@pytest.mark.parametrize('anti_loop', [False, True], ids=['plain', 'loop_unlikelihood'])
+def test_one_tokenizer_text_route_is_opd_step_exactly(anti_loop, monkeypatch):
     """A Whisper student whose tokenizer is the teacher's: the identity map, no mismatch, and the
-    text route's loss and gradients are opd_step's, bit for bit."""
+    text route's loss and gradients are opd_step's, bit for bit; with the anti-loop pair too
+    (rollouts cut at a repeated 2-gram, their tails trained away)."""
+    if anti_loop:
+        monkeypatch.setattr(distill, 'ngram_stop', 2)
+        monkeypatch.setattr(distill, 'loop_unlikelihood', 3.0)
     tok = CharTokenizer()
     teacher, student = tiny(3, 60, 0.3, n_text_ctx=40), tiny(4, 60, 0.3, n_text_ctx=40).train()
     with torch.no_grad():
@@ -248,6 +253,7 @@ def test_one_tokenizer_text_route_is_opd_step_exactly():
                                xa, prompts, prompts, dur, [None] * 4)
     t2.backward()
     assert n == n2 > 10 and torch.equal(total, t2) and s2['mismatch'] == s2['unmapped'] == 0
+    assert stats['looped'] == s2['looped'] and (stats['looped'] > 0) == anti_loop
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, student.decoder.parameters()))
     assert stats['vuss'] == s2['vuss']
 
@@ -367,3 +373,13 @@ def test_freeze_lm_trains_the_adapter_only(ark):
         assert torch.equal(lm[k], teacher[f'decoder.{k}']), k
     trained = [json.loads(r)['loss'] for r in open(d / 'frozen' / 'log.jsonl') if '"loss"' in r]
     assert len(trained) == 2 and all(math.isfinite(x) for x in trained)
+    # distill.py --train_lm=True (the demo's ark_opd): the LM that Ark-Base froze trains in OPD
+    run('distill.py', dict(init_from=d / 'frozen' / 'ckpt.pt', teacher_path=d / 'teacher.pt',
+                           train_manifest=d / 'train4.jsonl', val_manifest='', train_lm=True,
+                           out_dir=d / 'frozen_opd', max_iters=2, batch_size=4, topk=16,
+                           max_new_tokens=16, tokens_per_second=4.0, device='cpu',
+                           ngram_stop=2, loop_unlikelihood=3.0))
+    opd, _, ckpt = evaluate.load_checkpoint(str(d / 'frozen_opd' / 'ckpt.pt'))
+    assert all(n.startswith('encoder.') for n in ckpt['frozen'])
+    assert not torch.equal(opd.decoder.state_dict()['blocks.0.attn.query.weight'],
+                           lm['blocks.0.attn.query.weight'])
