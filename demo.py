@@ -95,7 +95,7 @@ def prepare_data():
     unlabeled = [{k: v for k, v in r.items() if k != 'text'} for r in train[n_lab:]]
     paths = {'labeled': os.path.join(out, 'labeled.jsonl'),
              'unlabeled': os.path.join(out, 'unlabeled.jsonl')}
-    for name in ('train', 'val', 'val_espeak', 'test', 'test_espeak'):
+    for name in ('val', 'val_espeak', 'test', 'test_espeak'):
         paths[name] = os.path.join(cfg['corpus'], f'{name}.jsonl')
     data.write_manifest(paths['labeled'], train[:n_lab])
     data.write_manifest(paths['unlabeled'], unlabeled)
