@@ -248,6 +248,12 @@ def union_unlikelihood(s_u, union, valid, x):
     lp_x = lp_u.gather(1, hit.float().argmax(1, keepdim=True)).squeeze(1)
     return -torch.log1p(-lp_x.exp().clamp(max=1 - 1e-6)), hit.any(1)
 
+def full_kls(lp_s, lp_t):
+    """The diagnostics' full-vocabulary KL(S || T) and KL(T || S), summed over positions."""
+    a, b = lp_s.clamp(min=-1e4), lp_t.clamp(min=-1e4)  # masked ids: 0 * 0
+    return dict(kl_st=(a.exp() * (a - b)).sum().item(), kl_ts=(b.exp() * (b - a)).sum().item(),
+                kl_positions=len(lp_s))
+
 def now(device_type):
     if device_type == 'cuda':
         torch.cuda.synchronize()
@@ -312,9 +318,7 @@ def opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts, durations, gen
             if union_only:
                 lp_s = student.decoder(tokens, xa_s, xa_mask=m_s)[mask]
                 lp_s = masked_log_softmax(lp_s, tok.suppress)
-            a, b = lp_s.detach().clamp(min=-1e4), lp_t.clamp(min=-1e4)  # masked ids: 0 * 0
-            stats.update(kl_st=(a.exp() * (a - b)).sum().item(),
-                         kl_ts=(b.exp() * (b - a)).sum().item(), kl_positions=len(x))
+            stats.update(full_kls(lp_s.detach(), lp_t))
     return per_pos.sum(), ok.sum(), stats
 
 def opd_step_text(student, teacher, s_tok, t_tok, maps, rescore, xa_t, xa_s, s_prompts, t_prompts,
@@ -392,10 +396,7 @@ def opd_step_text(student, teacher, s_tok, t_tok, maps, rescore, xa_t, xa_s, s_p
         with torch.no_grad():
             lp_s = masked_log_softmax(student.decoder(tokens_s, xs, xa_mask=ms)[mask_s],
                                       s_tok.suppress)
-            lp_ts = lp_t[:, s2t.clamp(min=0)].masked_fill(s2t < 0, -math.inf)
-            a, b = lp_s.clamp(min=-1e4), lp_ts.clamp(min=-1e4)  # masked ids: 0 * 0
-            stats.update(kl_st=(a.exp() * (a - b)).sum().item(),
-                         kl_ts=(b.exp() * (b - a)).sum().item(), kl_positions=len(lp_t))
+            stats.update(full_kls(lp_s, lp_t[:, s2t.clamp(min=0)].masked_fill(s2t < 0, -math.inf)))
     return per_pos.sum(), ok.sum(), stats
 
 def fail(msg):
@@ -479,9 +480,10 @@ def main():
         return row['duration'] * 100 <= student.dims.n_audio_ctx * student.dims.conv_stride and \
             n_tok <= student.dims.n_text_ctx
     rows = data.check_audio(data.read_manifest(train_manifest))  # every clip's header, now
-    train_rows = [dict(r, text=None) for r in rows if fits(r)]
-    refs = [r.get('text') for r in rows if fits(r)]  # the text route's empty rollouts only
-    if master and len(train_rows) < len(rows):
+    kept = [r for r in rows if fits(r)]
+    train_rows = [dict(r, text=None) for r in kept]
+    refs = [r.get('text') for r in kept]  # the text route's empty rollouts only
+    if master and len(kept) < len(rows):
         print(f"skipping {len(rows) - len(train_rows)} utterances too long for the student")
     if not train_rows:
         fail(f"no usable training utterances in {train_manifest}")
