@@ -6,6 +6,8 @@ Small benchmarks, one mode per component; every figure is a ratio measured side 
     python bench.py opd       # one OPD step vs one supervised step of the same student and batch
     python bench.py opd --init_from=out/demo/base/ckpt.pt --manifest=out/demo/unlabeled.jsonl \
         --batch_size=16
+    python bench.py versus --ckpt=out/long_opd/ckpt.pt --ref=weights/tiny.en \
+        --manifest=data/synth_piper/test.jsonl   # two models' WER and greedy speed, same clips
 """
 import os
 import random
@@ -212,7 +214,35 @@ def bench_opd(teacher_path='weights/base', manifest='data/synth_grammar/train.js
               f"{1000 * s['t_teacher']:8.0f} {1000 * upd:8.0f} "
               f"{s['rollout_len'] / s['rollouts']:10.1f} {s['ended'] / s['rollouts']:6.2f}")
 
-MODES = {"scorer": bench_scorer, "whisper": bench_whisper, "opd": bench_opd}
+def bench_versus(ckpt, ref, manifest, repeat=2):
+    """Two models (ours or Whisper weights) on the same labeled clips, CPU fp32, encoder included:
+    test WER and greedy decode speed (RTFx, best of repeat, the two alternating), side by side."""
+    import torch
+    import data
+    import evaluate
+    torch.set_num_threads(2)
+    rows = data.read_manifest(manifest)
+    models = {name: evaluate.load_checkpoint(path)[:2] for name, path in (('ckpt', ckpt),
+                                                                          ('ref', ref))}
+    for model, tok in models.values():
+        evaluate.transcribe(model, tok, rows[:2])  # warm-up
+    res = {name: (float('inf'), None) for name in models}
+    for _ in range(repeat):
+        for name, (model, tok) in models.items():
+            t0 = time.perf_counter()
+            hyps = evaluate.transcribe(model, tok, rows)
+            res[name] = min(res[name], (time.perf_counter() - t0, hyps), key=lambda r: r[0])
+    print(f"{len(rows)} utterances ({manifest})")
+    print(f"{'model':<40} {'WER %':>7} {'S':>5} {'D':>5} {'I':>5} {'params M':>9} {'RTFx':>7}")
+    for name, path in (('ckpt', ckpt), ('ref', ref)):
+        wall, hyps = res[name]
+        r = evaluate.report(rows, hyps, wall)
+        params = models[name][0].get_num_params() / 1e6
+        print(f"{path:<40} {100 * r['wer']:7.2f} {r['s']:5d} {r['d']:5d} {r['i']:5d} "
+              f"{params:9.1f} {r['rtfx']:7.1f}")
+    print(f"speed {ckpt} / {ref}: {res['ref'][0] / res['ckpt'][0]:.2f}x")
+
+MODES = {"scorer": bench_scorer, "whisper": bench_whisper, "opd": bench_opd, "versus": bench_versus}
 
 if __name__ == "__main__":
     mode = sys.argv.pop(1) if len(sys.argv) > 1 else ""
@@ -221,8 +251,11 @@ if __name__ == "__main__":
     # bench_opd's options (--init_from, --manifest, --teacher_path, --device, --batch_size)
     teacher_path, manifest, batch_size = 'weights/base', 'data/synth_grammar/train.jsonl', 8
     init_from, device = 'teacher', 'cpu'
+    ckpt, ref = 'out/long_opd/ckpt.pt', 'weights/tiny.en'  # bench_versus
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     if mode == 'opd':
         bench_opd(teacher_path, manifest, batch_size, init_from=init_from, device=device)
+    elif mode == 'versus':
+        bench_versus(ckpt, ref, manifest)
     else:
         MODES[mode]()

@@ -17,8 +17,9 @@ td (train.py on the teacher's transcripts), td_opd (td, then opd). References: t
 base) and tiny_en (Whisper tiny.en). The paper's own student shape, an audio-LLM (base's frozen
 encoder -> adapter -> 2-layer causal LM): ark_base (train.py --student=audio_llm, supervised), and
 ark_opd (distill.py through text: the student's rollouts re-tokenized and scored by the
-teacher); its gap is ark_base -> teacher. Test WER is scored greedy, cut at the rollouts' length
-bound, and with Whisper's temperature fallback; gap closed comes with a paired bootstrap interval.
+teacher); its gap is ark_base -> teacher. Test WER is scored greedy and with Whisper's
+temperature fallback (loops: the transcripts it redoes); gap closed comes with a paired bootstrap
+interval.
 Everything goes to out/demo/: results.json, demo.png, one directory per row (ckpt.pt for
 evaluate.py --ckpt, log.jsonl; whisper.pt for openai-whisper from opd and td_opd).
 """
@@ -35,7 +36,6 @@ import zlib
 import torch
 
 import data
-import distill
 import evaluate
 import synth
 import whisper_io
@@ -233,38 +233,32 @@ def fallback(model, tok, rows, cache, hyps, threshold=2.4, temperatures=(0.2, 0.
                 break
     return out, redone
 
-SCORES = ('wer', 's', 'd', 'i', 'n', 'median_utt_wer')  # kept of the bounded and fallback scorings
+SCORES = ('wer', 's', 'd', 'i', 'n', 'median_utt_wer')  # kept of the fallback scoring
 
 def row_path(row):
     refs = {'teacher': 'weights/base', 'tiny_en': 'weights/tiny.en'}
     return refs.get(row, os.path.join(out, row, 'ckpt.pt'))
 
 def evaluate_row(row, test_rows, cache, name, extra=True):
-    """WER greedy on test_rows (the split called name); the base-encoder rows decode from the
-    cached encoder outputs and, with extra, are also scored cut at the rollouts' length bound and
-    with Whisper's fallback. Also per-utterance (words, errors) for the bootstrap."""
+    """WER greedy on test_rows (the split called name), from cached encoder outputs; the
+    base-encoder rows, with extra, are also scored with Whisper's fallback. Also per-utterance (words, errors) for the bootstrap."""
     model, tok, _ = evaluate.load_checkpoint(row_path(row))
+    if row == 'tiny_en':  # its own encoder, on the same terms as base's: bf16, cached on disk
+        cache = evaluate.EncoderCache(model.encoder, CACHE_DIR,
+                                      torch.autocast('cpu', torch.bfloat16))
     t0 = time.time()
-    tokens, _ = evaluate.decode(model, tok, test_rows, batch_size=16,
-                                encode=None if row == 'tiny_en' else cache)
+    tokens, _ = evaluate.decode(model, tok, test_rows, batch_size=16, encode=cache)
     hyps = [tok.decode(t).strip() for t in tokens]
     wall = time.time() - t0
     res = evaluate.report(test_rows, hyps, wall)
-    res.update(eval_wall_s=wall, params=model.get_num_params(),
-               decode='transcribe' if row == 'tiny_en' else 'cached_encoder')
+    res.update(eval_wall_s=wall, params=model.get_num_params())
     line = (f"{row} on {name}: WER {100 * res['wer']:.2f}% "
             f"(S {res['s']} D {res['d']} I {res['i']} of {res['n']})")
     if row != 'tiny_en' and extra:
-        bounds = distill.length_bounds([r['duration'] for r in test_rows])
-        cut = [tok.decode(t[:n]).strip() for t, n in zip(tokens, bounds)]
-        b = evaluate.report(test_rows, cut, wall)
-        over = sum(len(t) > n for t, n in zip(tokens, bounds))
-        res['bounded'] = dict({k: b[k] for k in SCORES}, utts_past_bound=over)
         fb, redone = fallback(model, tok, test_rows, cache, hyps)
         f = evaluate.report(test_rows, fb, wall)
         res['fallback'] = dict({k: f[k] for k in SCORES}, redone=redone)
-        line += (f"; cut at bound {100 * b['wer']:.2f}% ({over} past it); "
-                 f"fallback {100 * f['wer']:.2f}% ({redone})")
+        line += (f"; fallback {100 * f['wer']:.2f}% ({redone})")
     print(line, flush=True)
     per_utt = evaluate.score([r['text'] for r in test_rows], hyps, 'word', 'en',
                              per_utt=True)['utts']
@@ -309,7 +303,7 @@ def measure_speed(student_row, test_rows, cache):
 
 def print_table(results, utts):
     print(f"\n{'row':<9} {'WER%':>7} {'S':>5} {'D':>5} {'I':>5} {'N':>5} {'med%':>6} "
-          f"{'bound%':>7} {'loops':>5} {'fallb%':>7} {'ood%':>7} {'VUSS':>6} {'mism%':>6} "
+          f"{'loops':>5} {'fallb%':>7} {'ood%':>7} {'VUSS':>6} {'mism%':>6} "
           f"{'train_s':>8}")
     for row in REF_ROWS + STUDENT_ROWS:
         r = results.get(row)
@@ -317,20 +311,17 @@ def print_table(results, utts):
             continue
         vuss = f"{r['vuss']['mean']:.2f}" if r.get('vuss') else '-'
         train_s = f"{r['train_wall_s']:.0f}" if r.get('train_wall_s') is not None else '-'
-        bd, fb = r.get('bounded'), r.get('fallback')
-        bounded = (f"{100 * bd['wer']:7.2f} {bd['utts_past_bound']:5d}" if bd
-                   else f"{'-':>7} {'-':>5}")
-        fallb = f"{100 * fb['wer']:7.2f}" if fb else f"{'-':>7}"
+        fb = r.get('fallback')
+        fallb = f"{fb['redone']:5d} {100 * fb['wer']:7.2f}" if fb else f"{'-':>5} {'-':>7}"
         ood = f"{100 * r['ood']['wer']:7.2f}" if r.get('ood') else f"{'-':>7}"
         # the text route: the share of rollouts the teacher's tokenizer segments otherwise
         mism = r.get('summary', {}).get('retokenize_mismatch_ratio')
         mism = '-' if mism is None else f"{100 * mism:.1f}"
         print(f"{row:<9} {100 * r['wer']:7.2f} {r['s']:5d} {r['d']:5d} {r['i']:5d} {r['n']:5d} "
-              f"{100 * r['median_utt_wer']:6.1f} {bounded} {fallb} {ood} {vuss:>6} {mism:>6} "
+              f"{100 * r['median_utt_wer']:6.1f} {fallb} {ood} {vuss:>6} {mism:>6} "
               f"{train_s:>8}")
     t, closes, intervals = results.get('teacher'), {}, {}
     views = (('', '', lambda r: r.get('wer')),
-             ('_bounded', ' (cut at the length bound)', lambda r: r.get('bounded', {}).get('wer')),
              ('_fallback', " (with Whisper's fallback)",
               lambda r: r.get('fallback', {}).get('wer')))
     for (key, name, get), row in itertools.product(views, BASE_OF):
