@@ -61,7 +61,7 @@ CORPUS_SEED = 1337
 # (base's SFT data); the n_unlabeled others are the audio of the later rows; token_noise for the
 # supervised rows (base, td)
 FULL = dict(corpus='data/synth_piper', n_labeled=80, n_unlabeled=320, n_val=40, n_test=150,
-            ood_voices=2, sft_iters=200, sft_lr=2e-4, sft_eval=25, sft_batch_size=8,
+            ood_voices=2, sft_iters=400, sft_lr=2e-4, sft_eval=25, sft_batch_size=8,
             token_noise=0.3, iters=100, lr=3e-4, batch_size=16, warmup=5, ngram_stop=4,
             loop_unlikelihood=3.0, val_max_utts=40, speed_utts=16,
             ark_corpus='data/synth_piper_ark', ark_n_train=1600, ark_iters=1500, ark_lr=3e-3,
