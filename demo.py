@@ -241,7 +241,8 @@ def row_path(row):
 
 def evaluate_row(row, test_rows, cache, name, extra=True):
     """WER greedy on test_rows (the split called name), from cached encoder outputs; the
-    base-encoder rows, with extra, are also scored with Whisper's fallback. Also per-utterance (words, errors) for the bootstrap."""
+    base-encoder rows, with extra, also with Whisper's fallback. Also per-utterance (words,
+    errors) for the bootstrap."""
     model, tok, _ = evaluate.load_checkpoint(row_path(row))
     if row == 'tiny_en':  # its own encoder, on the same terms as base's: bf16, cached on disk
         cache = evaluate.EncoderCache(model.encoder, CACHE_DIR,
@@ -258,7 +259,7 @@ def evaluate_row(row, test_rows, cache, name, extra=True):
         fb, redone = fallback(model, tok, test_rows, cache, hyps)
         f = evaluate.report(test_rows, fb, wall)
         res['fallback'] = dict({k: f[k] for k in SCORES}, redone=redone)
-        line += (f"; fallback {100 * f['wer']:.2f}% ({redone})")
+        line += f"; fallback {100 * f['wer']:.2f}% ({redone})"
     print(line, flush=True)
     per_utt = evaluate.score([r['text'] for r in test_rows], hyps, 'word', 'en',
                              per_utt=True)['utts']
