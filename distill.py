@@ -240,13 +240,16 @@ class Rescore(nn.Module):
         w = self.model.decoder.token_embedding.weight  # tied output embedding
         return torch.einsum('nd,nmd->nm', x[select], w[ids].to(x.dtype)).float()
 
+def unlikelihood(lp_x):
+    """-log(1 - p) for p = exp(lp_x): the loss that pushes a looping token's probability down."""
+    return -torch.log1p(-lp_x.exp().clamp(max=1 - 1e-6))
+
 def union_unlikelihood(s_u, union, valid, x):
-    """-log(1 - p_S(x)) per position, p_S renormalised on U_t (s_u: the student's logits of
-    union's ids), and whether the rollout's own token x is in U_t at all."""
+    """unlikelihood of the rollout's own token x, p_S renormalised on U_t (s_u: the student's
+    logits of union's ids), and whether x is in U_t at all."""
     lp_u = F.log_softmax(s_u.float().masked_fill(~valid, -math.inf), dim=-1)
     hit = (union == x[:, None]) & valid
-    lp_x = lp_u.gather(1, hit.float().argmax(1, keepdim=True)).squeeze(1)
-    return -torch.log1p(-lp_x.exp().clamp(max=1 - 1e-6)), hit.any(1)
+    return unlikelihood(lp_u.gather(1, hit.float().argmax(1, keepdim=True)).squeeze(1)), hit.any(1)
 
 def full_kls(lp_s, lp_t):
     """The diagnostics' full-vocabulary KL(S || T) and KL(T || S), summed over positions."""
@@ -305,7 +308,7 @@ def opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts, durations, gen
             ul, inside = union_unlikelihood(s_u, union, valid, x)
             loop = loop & inside
         else:
-            ul = -torch.log1p(-lp_s.gather(1, x[:, None]).squeeze(1).exp().clamp(max=1 - 1e-6))
+            ul = unlikelihood(lp_s.gather(1, x[:, None]).squeeze(1))
         per_pos, ok = torch.where(loop, loop_unlikelihood * ul, per_pos), ok | loop
     # diagnostics: VUSS (valid tokens in U_t) and overlap |S top-k & T top-k| / k, and on log
     # steps the full-vocabulary KLs (one more student forward for topk_union)
