@@ -64,7 +64,7 @@ FULL = dict(corpus='data/synth_piper', n_labeled=80, n_unlabeled=320, n_val=40, 
             ood_voices=2, sft_iters=400, sft_lr=2e-4, sft_eval=25, sft_batch_size=8,
             token_noise=0.3, iters=100, lr=3e-4, batch_size=16, warmup=5, ngram_stop=4,
             loop_unlikelihood=3.0, val_max_utts=40, speed_utts=16,
-            ark_corpus='data/synth_piper_ark', ark_n_train=1600, ark_iters=1500, ark_lr=3e-3,
+            ark_corpus='data/synth_piper_ark', ark_n_train=1600, ark_iters=1000, ark_lr=3e-3,
             ark_eval=250, ark_opd_iters=100, ark_opd_lr=1e-4)
 SMALL = dict(FULL, corpus='data/synth_piper_small', ark_corpus='data/synth_piper_ark_small',
              ark_n_train=16, n_labeled=3, n_unlabeled=12, n_val=4,
@@ -170,17 +170,17 @@ def train_row(row, paths, cache):
             freeze_embeddings=True, train_manifest=paths['labeled'], max_iters=cfg['sft_iters'],
             learning_rate=cfg['sft_lr'], warmup_iters=10, dropout=0.1,
             eval_interval=cfg['sft_eval'], batch_size=cfg['sft_batch_size'])
-    elif row == 'ark_base':  # the audio-LLM: its adapter supervised on every ark_train label
+    elif row == 'ark_base':  # the audio-LLM, supervised on every ark_train label: its fresh
+        # adapter at ark_lr, its LM a tenth of that, the embeddings frozen
         run('train.py', **supervised, student='audio_llm', init_from='weights/base',
             student_layers=2, train_manifest=paths['ark_train'], max_iters=cfg['ark_iters'],
-            learning_rate=cfg['ark_lr'], warmup_iters=10, eval_interval=cfg['ark_eval'],
-            batch_size=cfg['batch_size'], freeze_lm=True)
+            learning_rate=cfg['ark_lr'], lm_lr_scale=0.1, freeze_embeddings=True,
+            warmup_iters=10, eval_interval=cfg['ark_eval'], batch_size=cfg['batch_size'])
     elif row == 'ark_opd':  # OPD through text, on the same audio without its labels
         run('distill.py', **dict(unlabeled, max_iters=cfg['ark_opd_iters'],
                                  learning_rate=cfg['ark_opd_lr']),
             teacher_path='weights/base', train_manifest=paths['ark_unlabeled'], eval_interval=0,
-            ngram_stop=cfg['ngram_stop'], loop_unlikelihood=cfg['loop_unlikelihood'],
-            train_lm=True)
+            ngram_stop=cfg['ngram_stop'], loop_unlikelihood=cfg['loop_unlikelihood'])
     elif row == 'td':  # supervised like base, on the teacher's transcripts; the last weights
         labels = os.path.join(rdir, 'teacher_labels.jsonl')
         teacher_labels(paths, cache, labels)

@@ -50,7 +50,6 @@ init_from = 'out/base/ckpt.pt'  # the student (train.py's base row), or 'resume'
 # teacher and student (the student's encoder is frozen: OPD trains its decoder)
 teacher_path = 'weights/base'  # Whisper weights (.pt / HF dir / CT2 dir) or our checkpoint; frozen
 encoder_cache_dir = ''  # keep frozen encoders' outputs here (Whisper's fixed 30-s window only)
-train_lm = False  # the audio-LLM: train its LM too, which Ark-Base (train.py freeze_lm) kept frozen
 # data: OPD reads only the audio of train_manifest
 train_manifest = 'data/synth_grammar/train.jsonl'
 val_manifest = 'data/synth_grammar/val.jsonl'
@@ -452,8 +451,6 @@ def main():
         fail(f"{path} was distilled from {checkpoint['config']['teacher_path']}, "
              f"not {teacher_path}")
     frozen = (checkpoint or {}).get('frozen', [])
-    if train_lm:  # OPD has no labels to memorise: the whole decoder (LM and adapter) trains
-        frozen = [n for n in frozen if not n.startswith('decoder.')]
     checkpoint = checkpoint if init_from == 'resume' else None
     if student.dims.dropout:  # rollouts and updates alike without dropout
         weights = student.state_dict()

@@ -45,7 +45,7 @@ init_from = 'scratch'  # 'scratch', 'resume', or a path: Whisper weights or our 
 student_layers = 0  # > 0: train whisper_io.make_student(<init_from model>): its encoder frozen
 student = 'whisper'  # 'audio_llm': whisper_io.make_audio_llm(<init_from>, student_layers or 2)
 freeze_embeddings = False  # token (= tied output) and position embeddings frozen too
-freeze_lm = False  # the audio-LLM: only its adapter trains (the LM as it came, like SLAM-ASR)
+lm_lr_scale = 1.0  # the audio-LLM: its LM's learning rate as a share of the fresh adapter's
 encoder_cache_dir = ''  # a frozen encoder's outputs per clip kept here (Whisper's 30-s window only)
 # data
 train_manifest = 'data/synth_grammar/train.jsonl'
@@ -197,9 +197,6 @@ else:
     if freeze_embeddings:
         model.decoder.token_embedding.requires_grad_(False)
         model.decoder.positional_embedding.requires_grad_(False)
-    if freeze_lm:  # on a few hundred clips a trained LM memorises the texts instead (RESULTS.md)
-        for n, p in model.decoder.named_parameters():
-            p.requires_grad_(n.startswith('adapter.'))
     frozen = sorted(set(frozen) | {n for n, p in model.named_parameters() if not p.requires_grad})
 for n, p in model.named_parameters():
     p.requires_grad_(n not in frozen)
@@ -249,9 +246,15 @@ val_batches = make_batches(val_rows, shuffle=False, bs=eval_batch_size)
 max_new_tokens = min(dims.n_text_ctx - len(tokenizer.sot_sequence()), dims.n_text_ctx // 2)
 
 # optimizer: weight decay on matrices and embeddings only
-params = [p for p in model.parameters() if p.requires_grad]
-groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-          {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+params = [p for _, p in named]
+# the audio-LLM's fresh adapter at learning_rate, its LM (which already reads text and listens)
+# at lm_lr_scale of it: one rate for both either starves the adapter or wrecks the LM (RESULTS.md)
+lm = lambda n: audio_llm and n.startswith('decoder.') and not n.startswith('decoder.adapter.')
+groups = [{'params': [p for n, p in named if (p.dim() >= 2) == decay and lm(n) == in_lm],
+           'weight_decay': weight_decay if decay else 0.0, 'lr_scale': lm_lr_scale if in_lm else 1}
+          for decay in (True, False) for in_lm in (False, True)]
+groups = [g for g in groups if g['params']]
 optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2),
                               **({'fused': True} if device_type == 'cuda' else {}))
 iter_num, best_val_wer = 0, float('inf')
@@ -399,7 +402,7 @@ model.train()
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group['lr_scale']
     done = iter_num >= max_iters or time_up
     # evaluate and checkpoint
     if (iter_num % eval_interval == 0 or done) and iter_num > start_iter and master:

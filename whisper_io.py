@@ -632,36 +632,53 @@ def make_student(teacher, n_decoder_layers=2, freeze_encoder=True, n_encoder_lay
 
 def make_audio_llm(teacher, tokenizer, n_layers=2, base=None):
     """The paper's student shape from a Whisper teacher -> (AudioLLM, ChatTokenizer): the teacher's
-    encoder (frozen), a fresh adapter, and a causal LM from n_layers maximally spaced decoder
-    layers (self-attention, MLP; no cross-attention), positions and final LayerNorm. Token
-    embeddings: the teacher's row of the same token string, else the mean of the teacher's tokens
-    of that text; the role tokens start as the teacher's SOT, <|assistant|> as its last prompt
-    token, <|im_end|> as its EOT. base: the student's text vocabulary (default: the teacher's)."""
+    encoder (frozen), an adapter, and a causal LM from n_layers maximally spaced decoder layers,
+    two LM blocks each: the layer's self-attention (its MLP starts at zero: the block adds nothing
+    else), then its cross-attention and MLP, so the LM starts out listening the way the teacher
+    does; positions and final LayerNorm. The adapter starts as the mean of each 4 frames (exact:
+    GELU(x) - GELU(-x) = x). Token embeddings: the teacher's row of the same token string, else the
+    mean of the teacher's tokens of that text; the role tokens start as the teacher's SOT,
+    <|assistant|> as its last prompt token, <|im_end|> as its EOT. base: the student's text
+    vocabulary (default: the teacher's)."""
     tok, td = ChatTokenizer(base or tokenizer), teacher.dims
     layers = spaced_layers(td.n_text_layer, n_layers)
     student = AudioLLM(AudioLLMDimensions(**dict(vars(td), n_vocab=tok.n_vocab, ctc=False,
-                                                 n_text_layer=len(layers), audio_token=tok.audio)))
+                                                 n_text_layer=2 * len(layers),
+                                                 audio_token=tok.audio)))
     student.encoder.load_state_dict(teacher.encoder.state_dict())
-    src, sd = teacher.decoder.state_dict(), student.decoder.state_dict()
-    for k in sd:
-        parts = k.split(".")
-        if parts[0] == "blocks":
-            parts[1] = str(layers[int(parts[1])])
-        if parts[0] in ("blocks", "positional_embedding", "ln"):
-            sd[k] = src[".".join(parts)].clone()
-    W, emb = src["token_embedding.weight"], sd["token_embedding.weight"]
-    s2t = token_map(tok, tokenizer)
-    for i, t in enumerate(s2t.tolist()[:tok.n_base]):
-        ids = [t] if t >= 0 else tokenizer.encode(tok.decode([i])) or [tokenizer.eot]
-        emb[i] = W[ids].mean(0)
-    for name, t in zip(ChatTokenizer.ROLES, [tokenizer.sot, tokenizer.sot_sequence()[-1]] +
-                       [tokenizer.sot] * 3 + [tokenizer.eot]):
-        emb[tok.specials[name]] = W[t]
-    student.decoder.load_state_dict(sd)
+    src, lm = teacher.decoder, student.decoder
+    for i, layer in enumerate(layers):
+        t, hear, speak = src.blocks[layer], lm.blocks[2 * i], lm.blocks[2 * i + 1]
+        hear.attn.load_state_dict(t.attn.state_dict())
+        hear.attn_ln.load_state_dict(t.attn_ln.state_dict())
+        torch.nn.init.zeros_(hear.mlp[2].weight)
+        torch.nn.init.zeros_(hear.mlp[2].bias)
+        speak.attn.load_state_dict(t.cross_attn.state_dict())
+        speak.attn_ln.load_state_dict(t.cross_attn_ln.state_dict())
+        speak.mlp.load_state_dict(t.mlp.state_dict())
+        speak.mlp_ln.load_state_dict(t.mlp_ln.state_dict())
+    with torch.no_grad():
+        lm.positional_embedding.copy_(src.positional_embedding)
+        lm.ln.load_state_dict(src.ln.state_dict())
+        ad, C, d = lm.adapter, td.n_audio_state, td.n_text_state
+        ad.ln.load_state_dict(teacher.encoder.ln_post.state_dict())
+        mean = torch.eye(C).repeat(1, 4) / 4  # (C, 4C): the mean of 4 frames
+        ad.fc1.weight.zero_(); ad.fc1.bias.zero_(); ad.fc2.weight.zero_(); ad.fc2.bias.zero_()
+        ad.fc1.weight[:C] = mean; ad.fc1.weight[C:2 * C] = -mean
+        ad.fc2.weight[:, :C] = torch.eye(C); ad.fc2.weight[:, C:2 * C] = -torch.eye(C)
+        W, emb = src.token_embedding.weight, lm.token_embedding.weight
+        s2t = token_map(tok, tokenizer)
+        for i, t in enumerate(s2t.tolist()[:tok.n_base]):
+            ids = [t] if t >= 0 else tokenizer.encode(tok.decode([i])) or [tokenizer.eot]
+            emb[i] = W[ids].mean(0)
+        for name, t in zip(ChatTokenizer.ROLES, [tokenizer.sot, tokenizer.sot_sequence()[-1]] +
+                           [tokenizer.sot] * 3 + [tokenizer.eot]):
+            emb[tok.specials[name]] = W[t]
     student.encoder.requires_grad_(False)
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    print(f"audio-LLM student: LM layers {layers} of the teacher's decoder, vocab {tok.n_vocab}; "
-          f"{student.get_num_params() / 1e6:.2f}M params, trainable {n_train / 1e6:.2f}M")
+    print(f"audio-LLM student: LM blocks from layers {layers} of the teacher's decoder (self-, "
+          f"cross-attention), vocab {tok.n_vocab}; {student.get_num_params() / 1e6:.2f}M params, "
+          f"trainable {n_train / 1e6:.2f}M")
     return student, tok
 
 # -----------------------------------------------------------------------------

@@ -5,7 +5,6 @@
 out_dir = 'out/demo/ark_opd'
 teacher_path = 'weights/base'
 init_from = 'out/demo/ark_base/ckpt.pt'
-train_lm = True  # the LM Ark-Base kept frozen trains too (dev 65.83% frozen -> 60.32%)
 encoder_cache_dir = 'out/demo/encoder_cache'
 train_manifest = 'out/demo/ark_unlabeled.jsonl'  # audio only: no transcripts
 val_manifest = 'data/synth_piper/val.jsonl'

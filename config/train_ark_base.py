@@ -1,15 +1,16 @@
 # Ark-Base, the audio-LLM student's supervised row, as the demo runs it (python demo.py
-# --rows=ark_base): Whisper base's frozen encoder, a fresh adapter and a causal LM from base's
-# decoder layers 0 and 5 (self-attention and MLP, no cross-attention; whisper_io.make_audio_llm),
-# CE on transcript + <|im_end|>. The paper's Ark-Base is fully supervised: the demo synthesizes
-# 1,600 Piper clips of its own for it (data/synth_piper_ark, every one labeled; ark_opd then reads
-# the same audio without its labels). Only the adapter trains: with the LM trained too, dev loss
-# rose while train loss fell (it memorised the texts; RESULTS.md).
+# --rows=ark_base): Whisper base's frozen encoder, an adapter, and a causal LM of 4 blocks from
+# base's decoder layers 0 and 5 (each layer's self-attention, then its cross-attention and MLP:
+# whisper_io.make_audio_llm), CE on transcript + <|im_end|>. The paper's Ark-Base is fully
+# supervised: the demo synthesizes 1,600 Piper clips of its own for it (data/synth_piper_ark, every
+# one labeled; ark_opd then reads the same audio without its labels). The fresh adapter trains at
+# learning_rate, the LM at a tenth of it (RESULTS.md), the embeddings stay frozen.
 out_dir = 'out/demo/ark_base'
 student = 'audio_llm'
 init_from = 'weights/base'
 student_layers = 2
-freeze_lm = True
+lm_lr_scale = 0.1
+freeze_embeddings = True
 encoder_cache_dir = 'out/demo/encoder_cache'  # the demo's cached base encoder outputs
 train_manifest = 'data/synth_piper_ark/train.jsonl'  # python demo.py --rows=ark_base writes it
 val_manifest = 'data/synth_piper/val.jsonl'  # dev
@@ -22,7 +23,7 @@ learning_rate = 3e-3  # the adapter starts from scratch
 weight_decay = 0.005
 beta2 = 0.95
 warmup_iters = 10
-max_iters = 1500
+max_iters = 1000
 min_lr = 1e-5
 eval_interval = 250
 log_interval = 5
