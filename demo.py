@@ -64,10 +64,10 @@ FULL = dict(corpus='data/synth_piper', n_labeled=80, n_unlabeled=320, n_val=40, 
             ood_voices=2, sft_iters=400, sft_lr=2e-4, sft_eval=25, sft_batch_size=8,
             token_noise=0.3, iters=100, lr=3e-4, batch_size=16, warmup=5, ngram_stop=4,
             loop_unlikelihood=3.0, val_max_utts=40, speed_utts=16,
-            ark_corpus='data/synth_piper_ark', ark_n_train=1600, ark_iters=1000, ark_lr=3e-3,
-            ark_eval=250, ark_opd_iters=100, ark_opd_lr=1e-4)
+            ark_corpus='data/synth_piper_ark', ark_n_train=2000, ark_n_labeled=1600,
+            ark_iters=800, ark_lr=3e-3, ark_eval=200, ark_opd_iters=100, ark_opd_lr=1e-4)
 SMALL = dict(FULL, corpus='data/synth_piper_small', ark_corpus='data/synth_piper_ark_small',
-             ark_n_train=16, n_labeled=3, n_unlabeled=12, n_val=4,
+             ark_n_train=16, ark_n_labeled=12, n_labeled=3, n_unlabeled=12, n_val=4,
              n_test=6, ood_voices=1, sft_iters=12, sft_eval=6, sft_batch_size=4, iters=3,
              batch_size=4, warmup=1, val_max_utts=4, speed_utts=4, ark_iters=12, ark_eval=6,
              ark_opd_iters=3)
@@ -100,16 +100,18 @@ def prepare_data():
     data.write_manifest(paths['labeled'], train[:n_lab])
     data.write_manifest(paths['unlabeled'], unlabeled)
     print(f"demo data: {n_lab} labeled + {len(unlabeled)} unlabeled train utterances -> {out}")
-    if ARK_ROWS & set(want):  # the audio-LLM's own training clips, every one labeled (Ark-Base)
+    if ARK_ROWS & set(want):  # the audio-LLM's own clips: Ark-Base's labeled ones, then new ones
         ark = cfg['ark_corpus']
-        if not os.path.exists(os.path.join(ark, 'test.jsonl')):
+        train = os.path.join(ark, 'train.jsonl')
+        if not os.path.exists(train) or sum(1 for _ in open(train)) != cfg['ark_n_train']:
             # the same seed and split sizes: the same val/test sentences as the demo's (unused
             # here), and none of them in its train split
             synth.synth_corpus(ark, text='fortunes', voices='piper', n_train=cfg['ark_n_train'],
                                n_val=cfg['n_val'], n_test=cfg['n_test'], seed=CORPUS_SEED)
-        paths['ark_train'] = os.path.join(ark, 'train.jsonl')
-        paths['ark_unlabeled'] = os.path.join(out, 'ark_unlabeled.jsonl')  # the same audio
-        rows = data.read_manifest(paths['ark_train'])
+        rows = data.read_manifest(train)
+        paths['ark_train'] = os.path.join(out, 'ark_labeled.jsonl')
+        paths['ark_unlabeled'] = os.path.join(out, 'ark_unlabeled.jsonl')  # the same audio + new
+        data.write_manifest(paths['ark_train'], rows[:cfg['ark_n_labeled']])
         data.write_manifest(paths['ark_unlabeled'], [{k: v for k, v in r.items() if k != 'text'}
                                                      for r in rows])
     return paths
@@ -121,7 +123,7 @@ def encode_all(paths):
     cache = evaluate.EncoderCache(model.encoder, CACHE_DIR, torch.autocast('cpu', torch.bfloat16))
     whisper_rows = set(want) & set(STUDENT_ROWS) - ARK_ROWS  # they train on labeled, unlabeled
     names = ['val', *SETS] + ['labeled', 'unlabeled'] * bool(whisper_rows)
-    for name in names + ['ark_train'] * ('ark_train' in paths):
+    for name in names + ['ark_unlabeled'] * ('ark_unlabeled' in paths):  # ark_train's within
         for batch in data.Batches(data.read_manifest(paths[name]), None, batch_size=8,
                                   n_frames=data.N_FRAMES, shuffle=False):
             cache(batch['mel'], batch['audio'])
@@ -170,13 +172,13 @@ def train_row(row, paths, cache):
             freeze_embeddings=True, train_manifest=paths['labeled'], max_iters=cfg['sft_iters'],
             learning_rate=cfg['sft_lr'], warmup_iters=10, dropout=0.1,
             eval_interval=cfg['sft_eval'], batch_size=cfg['sft_batch_size'])
-    elif row == 'ark_base':  # the audio-LLM, supervised on every ark_train label: its fresh
+    elif row == 'ark_base':  # the audio-LLM, supervised on the ark_n_labeled clips: its fresh
         # adapter at ark_lr, its LM a tenth of that, the embeddings frozen
         run('train.py', **supervised, student='audio_llm', init_from='weights/base',
             student_layers=2, train_manifest=paths['ark_train'], max_iters=cfg['ark_iters'],
             learning_rate=cfg['ark_lr'], lm_lr_scale=0.1, freeze_embeddings=True,
             warmup_iters=10, eval_interval=cfg['ark_eval'], batch_size=cfg['batch_size'])
-    elif row == 'ark_opd':  # OPD through text, on the same audio without its labels
+    elif row == 'ark_opd':  # OPD through text: Ark-Base's audio without its labels, and new audio
         run('distill.py', **dict(unlabeled, max_iters=cfg['ark_opd_iters'],
                                  learning_rate=cfg['ark_opd_lr']),
             teacher_path='weights/base', train_manifest=paths['ark_unlabeled'], eval_interval=0,

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from data import N_FRAMES, SentencePieceTokenizer
-from model import (WHISPER_FIELDS, AudioLLM, AudioLLMDimensions, ModelDimensions, Whisper,
-                   audio_tokens, sinusoids)
+from model import (MERGE, WHISPER_FIELDS, AudioLLM, AudioLLMDimensions, ModelDimensions,
+                   Whisper, audio_tokens, sinusoids)
 
 # Whisper's language codes in token order (multilingual vocabularies hold the first 99 or all 100)
 LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da "
@@ -635,11 +635,11 @@ def make_audio_llm(teacher, tokenizer, n_layers=2, base=None):
     encoder (frozen), an adapter, and a causal LM from n_layers maximally spaced decoder layers,
     two LM blocks each: the layer's self-attention (its MLP starts at zero: the block adds nothing
     else), then its cross-attention and MLP, so the LM starts out listening the way the teacher
-    does; positions and final LayerNorm. The adapter starts as the mean of each 4 frames (exact:
-    GELU(x) - GELU(-x) = x). Token embeddings: the teacher's row of the same token string, else the
-    mean of the teacher's tokens of that text; the role tokens start as the teacher's SOT,
-    <|assistant|> as its last prompt token, <|im_end|> as its EOT. base: the student's text
-    vocabulary (default: the teacher's)."""
+    does (RESULTS.md: it learns far faster than from the self-attention blocks alone); positions
+    and final LayerNorm. The adapter starts as the mean of each 4 frames. Token embeddings: the
+    teacher's row of the same token string, else the mean of the teacher's tokens of that text;
+    the role tokens start as the teacher's SOT, <|assistant|> as its last prompt token, <|im_end|>
+    as its EOT. base: the student's text vocabulary (default: the teacher's)."""
     tok, td = ChatTokenizer(base or tokenizer), teacher.dims
     layers = spaced_layers(td.n_text_layer, n_layers)
     student = AudioLLM(AudioLLMDimensions(**dict(vars(td), n_vocab=tok.n_vocab, ctc=False,
@@ -660,12 +660,15 @@ def make_audio_llm(teacher, tokenizer, n_layers=2, base=None):
     with torch.no_grad():
         lm.positional_embedding.copy_(src.positional_embedding)
         lm.ln.load_state_dict(src.ln.state_dict())
-        ad, C, d = lm.adapter, td.n_audio_state, td.n_text_state
+        # the adapter: its LayerNorm scaled and shifted like the encoder's last one, then the mean
+        # of each 4 frames (Whisper's widths are equal: C = d)
+        ad, C = lm.adapter, td.n_audio_state
         ad.ln.load_state_dict(teacher.encoder.ln_post.state_dict())
-        mean = torch.eye(C).repeat(1, 4) / 4  # (C, 4C): the mean of 4 frames
-        ad.fc1.weight.zero_(); ad.fc1.bias.zero_(); ad.fc2.weight.zero_(); ad.fc2.bias.zero_()
-        ad.fc1.weight[:C] = mean; ad.fc1.weight[C:2 * C] = -mean
-        ad.fc2.weight[:, :C] = torch.eye(C); ad.fc2.weight[:, C:2 * C] = -torch.eye(C)
+        mean, eye = torch.eye(C).repeat(1, MERGE) / MERGE, torch.eye(C)  # (C, 4 C), (C, C)
+        ad.fc1.weight.copy_(torch.cat([mean, -mean]))  # fc2(GELU(fc1 x)) = GELU(m) - GELU(-m) = m
+        ad.fc2.weight.copy_(torch.cat([eye, -eye], 1))
+        ad.fc1.bias.zero_()
+        ad.fc2.bias.zero_()
         W, emb = src.token_embedding.weight, lm.token_embedding.weight
         s2t = token_map(tok, tokenizer)
         for i, t in enumerate(s2t.tolist()[:tok.n_base]):

@@ -1,7 +1,7 @@
 # ark_opd, as the demo runs it (python demo.py --rows=ark_opd): OPD through text
 # (distill.opd_step_text) from Whisper base into the Ark-Base student, on Ark-Base's 1,600 clips
-# without their labels: greedy rollouts, decoded, re-tokenized by base's tokenizer under its own
-# prompt, the top-k union forward KL on the mapped ids.
+# without their labels and 400 new ones: greedy rollouts, decoded, re-tokenized by base's tokenizer
+# under its own prompt, the top-k union forward KL on the mapped ids.
 out_dir = 'out/demo/ark_opd'
 teacher_path = 'weights/base'
 init_from = 'out/demo/ark_base/ckpt.pt'

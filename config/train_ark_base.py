@@ -2,9 +2,10 @@
 # --rows=ark_base): Whisper base's frozen encoder, an adapter, and a causal LM of 4 blocks from
 # base's decoder layers 0 and 5 (each layer's self-attention, then its cross-attention and MLP:
 # whisper_io.make_audio_llm), CE on transcript + <|im_end|>. The paper's Ark-Base is fully
-# supervised: the demo synthesizes 1,600 Piper clips of its own for it (data/synth_piper_ark, every
-# one labeled; ark_opd then reads the same audio without its labels). The fresh adapter trains at
-# learning_rate, the LM at a tenth of it (RESULTS.md), the embeddings stay frozen.
+# supervised: the demo synthesizes 2,000 Piper clips of its own (data/synth_piper_ark), Ark-Base
+# trains on the first 1,600 with their labels (ark_opd then reads all 2,000 without labels: the
+# same audio and new audio). The fresh adapter trains at learning_rate, the LM at a tenth of it
+# (RESULTS.md), the embeddings stay frozen.
 out_dir = 'out/demo/ark_base'
 student = 'audio_llm'
 init_from = 'weights/base'
@@ -12,7 +13,7 @@ student_layers = 2
 lm_lr_scale = 0.1
 freeze_embeddings = True
 encoder_cache_dir = 'out/demo/encoder_cache'  # the demo's cached base encoder outputs
-train_manifest = 'data/synth_piper_ark/train.jsonl'  # python demo.py --rows=ark_base writes it
+train_manifest = 'out/demo/ark_labeled.jsonl'  # python demo.py --rows=ark_base writes it
 val_manifest = 'data/synth_piper/val.jsonl'  # dev
 val_max_utts = 40
 lowercase = False
@@ -23,7 +24,7 @@ learning_rate = 3e-3  # the adapter starts from scratch
 weight_decay = 0.005
 beta2 = 0.95
 warmup_iters = 10
-max_iters = 1000
+max_iters = 800
 min_lr = 1e-5
-eval_interval = 250
+eval_interval = 200
 log_interval = 5

@@ -84,6 +84,26 @@ def test_audio_token_count_and_merge_rule():
     torch.testing.assert_close(few[1], out[1])
     assert MERGE == 4
 
+def test_make_audio_llm_starts_from_the_teachers_listening_layers(toks):
+    """Each kept decoder layer becomes two LM blocks: its self-attention (MLP at zero), then its
+    cross-attention and MLP; the adapter starts as the mean of each 4 normalised frames."""
+    teacher = tiny(1, toks[0].n_vocab)
+    student, tok = make_audio_llm(teacher, toks[0], 2)  # layers 0 and 2 of 3
+    t, lm = teacher.decoder.blocks, student.decoder.blocks
+    assert len(lm) == 4
+    for i, layer in enumerate((0, 2)):
+        for mine, theirs in ((lm[2 * i].attn, t[layer].attn), (lm[2 * i + 1].attn,
+                             t[layer].cross_attn), (lm[2 * i + 1].mlp, t[layer].mlp)):
+            for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()):
+                assert torch.equal(a, b)
+        x = torch.randn(2, 5, 64)
+        assert torch.equal(lm[2 * i].mlp(x), torch.zeros_like(x))
+    xa, m, _ = clips(teacher, (100, 40))
+    ad = student.decoder.adapter
+    with torch.no_grad():
+        out, norm = ad(xa), ad.ln(xa)
+    torch.testing.assert_close(out, norm[:, :out.shape[1] * MERGE].unflatten(1, (-1, MERGE)).mean(2))
+
 def test_prompt_layout_puts_the_adapter_output_at_the_placeholders(toks):
     teacher = tiny(1, toks[0].n_vocab)
     student, tok = make_audio_llm(teacher, toks[0], 2)
