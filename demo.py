@@ -15,11 +15,11 @@ their labels (train.py). From base, on other audio without its labels, the same 
 of updates each: opd (distill.py: topk_union, greedy), opd_rkl (reverse KL, sampled rollouts),
 td (train.py on the teacher's transcripts), td_opd (td, then opd). References: teacher (Whisper
 base) and tiny_en (Whisper tiny.en). The paper's own student shape, an audio-LLM (base's frozen
-encoder -> adapter -> 2-layer causal LM): ark_base (train.py --student=audio_llm, supervised), and
-ark_opd (distill.py through text: the student's rollouts re-tokenized and scored by the
-teacher); its gap is ark_base -> teacher. Test WER is scored greedy and with Whisper's
-temperature fallback (loops: the transcripts it redoes); gap closed comes with a paired bootstrap
-interval.
+encoder -> adapter -> a causal LM of 4 blocks from base's decoder layers 0 and 5): ark_base
+(train.py --student=audio_llm, supervised), and ark_opd (distill.py through text: the student's
+rollouts re-tokenized and scored by the teacher); its gap is ark_base -> teacher. Test WER is
+scored greedy and with Whisper's temperature fallback (loops: the transcripts it redoes); gap
+closed comes with a paired bootstrap interval.
 Everything goes to out/demo/: results.json, demo.png, one directory per row (ckpt.pt for
 evaluate.py --ckpt, log.jsonl; whisper.pt for openai-whisper from opd and td_opd).
 """

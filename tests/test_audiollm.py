@@ -102,7 +102,8 @@ def test_make_audio_llm_starts_from_the_teachers_listening_layers(toks):
     ad = student.decoder.adapter
     with torch.no_grad():
         out, norm = ad(xa), ad.ln(xa)
-    torch.testing.assert_close(out, norm[:, :out.shape[1] * MERGE].unflatten(1, (-1, MERGE)).mean(2))
+    groups = norm[:, :out.shape[1] * MERGE].unflatten(1, (-1, MERGE))
+    torch.testing.assert_close(out, groups.mean(2))
 
 def test_prompt_layout_puts_the_adapter_output_at_the_placeholders(toks):
     teacher = tiny(1, toks[0].n_vocab)
