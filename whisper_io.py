@@ -648,15 +648,15 @@ def make_audio_llm(teacher, tokenizer, n_layers=2, base=None):
     student.encoder.load_state_dict(teacher.encoder.state_dict())
     src, lm = teacher.decoder, student.decoder
     for i, layer in enumerate(layers):
-        t, hear, speak = src.blocks[layer], lm.blocks[2 * i], lm.blocks[2 * i + 1]
-        hear.attn.load_state_dict(t.attn.state_dict())
-        hear.attn_ln.load_state_dict(t.attn_ln.state_dict())
-        torch.nn.init.zeros_(hear.mlp[2].weight)
-        torch.nn.init.zeros_(hear.mlp[2].bias)
-        speak.attn.load_state_dict(t.cross_attn.state_dict())
-        speak.attn_ln.load_state_dict(t.cross_attn_ln.state_dict())
-        speak.mlp.load_state_dict(t.mlp.state_dict())
-        speak.mlp_ln.load_state_dict(t.mlp_ln.state_dict())
+        t, own, cross = src.blocks[layer], lm.blocks[2 * i], lm.blocks[2 * i + 1]
+        own.attn.load_state_dict(t.attn.state_dict())
+        own.attn_ln.load_state_dict(t.attn_ln.state_dict())
+        torch.nn.init.zeros_(own.mlp[2].weight)
+        torch.nn.init.zeros_(own.mlp[2].bias)
+        cross.attn.load_state_dict(t.cross_attn.state_dict())
+        cross.attn_ln.load_state_dict(t.cross_attn_ln.state_dict())
+        cross.mlp.load_state_dict(t.mlp.state_dict())
+        cross.mlp_ln.load_state_dict(t.mlp_ln.state_dict())
     with torch.no_grad():
         lm.positional_embedding.copy_(src.positional_embedding)
         lm.ln.load_state_dict(src.ln.state_dict())
