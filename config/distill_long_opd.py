@@ -3,9 +3,9 @@
 # natural-voice test. No labels beyond base's 80: distill.py reads only the audio of
 # train_manifest. Before it (README, "The longer recipe"):
 #   python demo.py --rows=base        # base, the corpus and the encoder cache
-#   python synth.py --out=data/synth_piper_ark --text=fortunes --voices=piper --n_train=1600 \
+#   python synth.py --out=data/synth_piper_long --text=fortunes --voices=piper --n_train=1600 \
 #       --n_val=40 --n_test=150       # the same dev/test sentences as the demo's, none in train
-#                                     # (the demo's ark rows make the same corpus)
+#                                     # (the same audio as the first 1,600 of the demo's ark rows)
 # then: python distill.py config/distill_long_opd.py
 #       python bench.py versus --ckpt=out/long_opd/ckpt.pt --ref=weights/tiny.en \
 #           --manifest=data/synth_piper/test.jsonl
@@ -15,7 +15,7 @@ out_dir = 'out/long_opd'
 teacher_path = 'weights/base'
 init_from = 'out/demo/base/ckpt.pt'
 encoder_cache_dir = 'out/demo/encoder_cache'
-train_manifest = 'data/synth_piper_ark/train.jsonl'  # 1,600 Piper clips, none of dev's or test's
+train_manifest = 'data/synth_piper_long/train.jsonl'  # 1,600 Piper clips, none of dev's or test's
 val_manifest = 'data/synth_piper/val.jsonl'  # dev
 val_max_utts = 40
 loss = 'topk_union'
