@@ -65,7 +65,7 @@ FULL = dict(corpus='data/synth_piper', n_labeled=80, n_unlabeled=320, n_val=40, 
             token_noise=0.3, iters=100, lr=3e-4, batch_size=16, warmup=5, ngram_stop=4,
             loop_unlikelihood=3.0, val_max_utts=40, speed_utts=16,
             ark_corpus='data/synth_piper_ark', ark_n_train=2000, ark_n_labeled=1600,
-            ark_iters=800, ark_lr=3e-3, ark_eval=200, ark_opd_iters=100, ark_opd_lr=1e-4)
+            ark_iters=800, ark_lr=3e-3, ark_eval=200, ark_opd_iters=160, ark_opd_lr=1e-4)
 SMALL = dict(FULL, corpus='data/synth_piper_small', ark_corpus='data/synth_piper_ark_small',
              ark_n_train=16, ark_n_labeled=12, n_labeled=3, n_unlabeled=12, n_val=4,
              n_test=6, ood_voices=1, sft_iters=12, sft_eval=6, sft_batch_size=4, iters=3,
