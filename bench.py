@@ -72,7 +72,7 @@ def _whisper_worker(impl, model_dir, wav_dir):
     wavs = sorted(glob.glob(f"{wav_dir}/*.wav"))
     audios = [data.load_audio(w) for w in wavs]
     if impl == "ours":
-        from whisper_io import load_whisper
+        from checkpoint import load_whisper
         model, tok = load_whisper(model_dir)
         model.eval()
         def run(audio):
@@ -101,7 +101,7 @@ def bench_whisper(n=12):
     """Greedy RTFx (audio s / wall s) and peak RSS (MiB), ours vs faster-whisper on the same
     espeak-ng clips, CPU fp32, 2 threads, each in a fresh process, one after the other."""
     import os, subprocess, tempfile
-    from whisper_io import assemble_weights
+    from checkpoint import assemble_weights
     assemble_weights("weights")
     wav_dir = tempfile.mkdtemp()
     rng = random.Random(0)
@@ -136,13 +136,14 @@ def bench_opd(teacher_path='weights/base', manifest='data/synth_grammar/train.js
     import data
     import distill
     import evaluate
-    import whisper_io
-    teacher, tok, _ = evaluate.load_checkpoint(teacher_path, device)
+    from checkpoint import load_checkpoint
+    from student import make_student
+    teacher, tok, _ = load_checkpoint(teacher_path, device)
     teacher.requires_grad_(False)
     if init_from == 'teacher':
-        student = whisper_io.make_student(teacher, n_decoder_layers=2)
+        student = make_student(teacher, n_decoder_layers=2)
     else:
-        student = evaluate.load_checkpoint(init_from)[0]
+        student = load_checkpoint(init_from)[0]
     student.encoder.requires_grad_(False)
     student.decoder.token_embedding.requires_grad_(False)
     student.decoder.positional_embedding.requires_grad_(False)
@@ -220,9 +221,10 @@ def bench_versus(ckpt, ref, manifest, repeat=2):
     import torch
     import data
     import evaluate
+    from checkpoint import load_checkpoint
     torch.set_num_threads(2)
     rows = data.read_manifest(manifest)
-    models = {name: evaluate.load_checkpoint(path)[:2] for name, path in (('ckpt', ckpt),
+    models = {name: load_checkpoint(path)[:2] for name, path in (('ckpt', ckpt),
                                                                           ('ref', ref))}
     for model, tok in models.values():
         evaluate.transcribe(model, tok, rows[:2])  # warm-up

@@ -278,7 +278,7 @@ def aishell_manifest(root, out_dir):
 
 # -----------------------------------------------------------------------------
 # tokenizer: encode, decode, eot, sot, n_vocab, sot_sequence(language), suppress, suppress_blank,
-# to_dict (whisper_io.tokenizer_from_dict reads it back)
+# to_dict (tokenizer.tokenizer_from_dict reads it back)
 
 class SentencePieceTokenizer:
     """A small SentencePiece model for models trained from scratch (bos <|startoftranscript|>, eos

@@ -37,8 +37,9 @@ import torch
 
 import data
 import evaluate
+from checkpoint import load_checkpoint
 import synth
-import whisper_io
+import checkpoint
 
 # -----------------------------------------------------------------------------
 small = False  # the smoke run
@@ -85,7 +86,7 @@ def prepare_data():
     """Weights, corpus, and the labeled / unlabeled split of train (unlabeled rows have no text)."""
     if not os.path.isdir(synth.FORTUNES):
         sys.exit(f"demo.py: error: {synth.FORTUNES} not found: run `bash setup.sh` first")
-    whisper_io.assemble_weights('weights')
+    checkpoint.assemble_weights('weights')
     if not os.path.exists(os.path.join(cfg['corpus'], 'test_espeak.jsonl')):
         synth.synth_corpus(cfg['corpus'], text='fortunes', voices='piper',
                            n_train=cfg['n_labeled'] + cfg['n_unlabeled'], n_val=cfg['n_val'],
@@ -119,7 +120,7 @@ def prepare_data():
 def encode_all(paths):
     """Stage 'encode': base's frozen encoder once per clip (bf16 autocast), kept on disk
     (float16)."""
-    model = evaluate.load_checkpoint('weights/base')[0]
+    model = load_checkpoint('weights/base')[0]
     cache = evaluate.EncoderCache(model.encoder, CACHE_DIR, torch.autocast('cpu', torch.bfloat16))
     whisper_rows = set(want) & set(STUDENT_ROWS) - ARK_ROWS  # they train on labeled, unlabeled
     names = ['val', *SETS] + ['labeled', 'unlabeled'] * bool(whisper_rows)
@@ -138,7 +139,7 @@ def run(script, **kw):
 def teacher_labels(paths, cache, path):
     """The teacher's greedy transcripts of the unlabeled clips; those that do not end are
     dropped."""
-    model, tok, _ = evaluate.load_checkpoint('weights/base')
+    model, tok, _ = load_checkpoint('weights/base')
     rows = data.read_manifest(paths['unlabeled'])
     tokens, ended = evaluate.decode(model, tok, rows, batch_size=16, encode=cache,
                                     max_new_tokens=64)
@@ -201,9 +202,9 @@ def train_row(row, paths, cache):
     # the last value of every logged field
     summary.update({k: v for r in log for k, v in r.items()})
     if row in ('opd', 'td_opd'):  # the distilled students in openai-whisper's format too
-        model, tok, _ = evaluate.load_checkpoint(summary['ckpt'])
+        model, tok, _ = load_checkpoint(summary['ckpt'])
         summary['whisper_pt'] = os.path.join(rdir, 'whisper.pt')
-        whisper_io.save_pt(model, summary['whisper_pt'], tok)
+        checkpoint.save_pt(model, summary['whisper_pt'], tok)
     with open(os.path.join(rdir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -245,7 +246,7 @@ def evaluate_row(row, test_rows, cache, name, extra=True):
     """WER greedy on test_rows (the split called name), from cached encoder outputs; the
     base-encoder rows, with extra, also with Whisper's fallback. Also per-utterance (words,
     errors) for the bootstrap."""
-    model, tok, _ = evaluate.load_checkpoint(row_path(row))
+    model, tok, _ = load_checkpoint(row_path(row))
     if row == 'tiny_en':  # its own encoder, on the same terms as base's: bf16, cached on disk
         cache = evaluate.EncoderCache(model.encoder, CACHE_DIR,
                                       torch.autocast('cpu', torch.bfloat16))
@@ -289,7 +290,7 @@ def measure_speed(student_row, test_rows, cache):
     (encoder included) and the decoder alone (cached encoder) in ms per emitted token."""
     speed = {'student_row': student_row, 'utterances': len(test_rows)}
     for name, path in (('teacher', row_path('teacher')), ('student', row_path(student_row))):
-        model, tok, _ = evaluate.load_checkpoint(path)
+        model, tok, _ = load_checkpoint(path)
         evaluate.transcribe(model, tok, test_rows[:2])  # warm-up
         t0 = time.time()
         hyps = evaluate.transcribe(model, tok, test_rows, batch_size=16)

@@ -36,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
-import whisper_io
+from checkpoint import atomic_save, load_checkpoint, trim_log
+from tokenizer import token_map
 from model import AudioLLM, length_mask
 
 # -----------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def masked_log_softmax(logits, suppress=()):
 def union_support(ids_s, lp_t, k, t2s=None, s2t=None):
     """U_t = the student's top-k ids (N, k) then the teacher's (N, 2k), and which entries count:
     not a duplicate of a student id, not a masked token. dup: teacher ids the student has too.
-    The text route's maps (whisper_io.token_map; -1: no token of that string): U_t in student
+    The text route's maps (token_map; -1: no token of that string): U_t in student
     ids, the teacher's top-k mapped by t2s, the teacher read at s2t[U_t]; unmapped ones don't
     count."""
     ids_t = lp_t.topk(k, dim=-1).indices
@@ -326,7 +327,7 @@ def opd_step(student, teacher, tok, rescore, xa_t, xa_s, prompts, durations, gen
 def opd_step_text(student, teacher, s_tok, t_tok, maps, rescore, xa_t, xa_s, s_prompts, t_prompts,
                   durations, refs, m_t=None, m_s=None, generator=None, full_diag=False):
     """Steps 1-4 through text, for a student with its own tokenizer and prompt (the audio-LLM).
-    maps: (teacher -> student, student -> teacher) ids, whisper_io.token_map; refs: the labels,
+    maps: (teacher -> student, student -> teacher) ids, token_map; refs: the labels,
     used only where a rollout is empty; m_t / m_s: the real encoder frames each model reads.
     With one tokenizer and prompt on both sides this is opd_step (tests/test_audiollm.py)."""
     dev, k = xa_t.device.type, min(topk, student.dims.n_vocab)
@@ -434,19 +435,19 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
 
     # teacher (frozen, on every rank, never wrapped in DDP) and student (encoder frozen)
-    teacher, tok, _ = evaluate.load_checkpoint(teacher_path, dev)
+    teacher, tok, _ = load_checkpoint(teacher_path, dev)
     teacher.requires_grad_(False)
     path = ckpt_path if init_from == 'resume' else init_from
     if not os.path.exists(path):
         fail(f"init_from={init_from!r}: {path} does not exist")
-    student, student_tok, checkpoint = evaluate.load_checkpoint(path)
+    student, student_tok, checkpoint = load_checkpoint(path)
     # the text route (opd_step_text): a student with its own tokenizer or prompt (the audio-LLM)
     audio_llm = isinstance(student, AudioLLM)
     text_route = audio_llm or student_tok.to_dict() != tok.to_dict()
     if text_route and loss != 'topk_union':
         fail(f"{path}: the text route (an audio-LLM student, or another tokenizer) takes "
              f"loss='topk_union'")
-    maps = (whisper_io.token_map(tok, student_tok), whisper_io.token_map(student_tok, tok))
+    maps = (token_map(tok, student_tok), token_map(student_tok, tok))
     if init_from == 'resume' and checkpoint['config']['teacher_path'] != teacher_path:
         fail(f"{path} was distilled from {checkpoint['config']['teacher_path']}, "
              f"not {teacher_path}")
@@ -504,7 +505,7 @@ def main():
         iter_num, best_val_wer = checkpoint['iter_num'], checkpoint['best_val_wer']
         loader, gens = checkpoint['loader'], checkpoint['rng']['generator']
         if master:  # the records past the checkpoint are done again
-            evaluate.trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+            trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
         generator.set_state(gens[rank % len(gens)])
         torch.set_rng_state(checkpoint['rng']['torch'])
         checkpoint = None
@@ -544,7 +545,7 @@ def main():
                     'tokenizer': student_tok.to_dict(),
                     'frozen': frozen, 'loader': dict(loader),
                     'rng': {'generator': gens, 'torch': torch.get_rng_state()}}
-            evaluate.atomic_save(ckpt, ckpt_path)
+            atomic_save(ckpt, ckpt_path)
             print(f"saved checkpoint to {ckpt_path}")
 
     def log_json(record):

@@ -1,20 +1,17 @@
 """
 Transcribe a manifest with a checkpoint and score it: corpus-level WER (English) or CER (Mandarin).
-Also the project's one model loader (load_checkpoint), batched decoding (decode, transcribe) and
-the cache of a frozen encoder's outputs (EncoderCache). Whisper weights get the features of
-Whisper's transcribe(), and a clip over 30 s is transcribed in 30-s windows with timestamps as
-transcribe() does (whisper_io.transcribe_long); our models refuse a clip longer than their
-encoder takes.
+Also batched decoding (decode, transcribe) and the cache of a frozen encoder's outputs
+(EncoderCache). Whisper weights get the features of Whisper's transcribe(), and a clip over 30 s
+is transcribed in 30-s windows with timestamps as transcribe() does (longform.py); our models
+refuse a clip longer than their encoder takes.
 
     python evaluate.py --ckpt=out/ckpt.pt --manifest=data/grammar/test.jsonl --out=results.json
     python evaluate.py --ckpt=weights/whisper-tiny.en --manifest=data/ls_test_clean.jsonl --beam=5
     python evaluate.py --ckpt=weights/base --manifest=unlabeled.jsonl --out_manifest=pseudo.jsonl
 """
 import hashlib
-import io
 import json
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -24,75 +21,14 @@ import soundfile as sf
 import torch
 
 import data
-import whisper_io
+from checkpoint import load_checkpoint
+from longform import transcribe_long
+from tokenizer import WhisperTokenizer
 from score import score
-from model import AudioLLM, AudioLLMDimensions, ModelDimensions, Whisper, length_mask
+from model import AudioLLM, length_mask
 
 # -----------------------------------------------------------------------------
-# models: the one loader, and a cache of a frozen encoder's outputs
-
-def _line(e):  # an exception in one line; of torch.load's page-long ones, the reason
-    text = str(e).split("WeightsUnpickler error:")[-1].strip()
-    return f"{type(e).__name__}: {text.splitlines()[0].split('. ')[0] if text else ''}"
-
-def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode on device, tokenizer, ckpt). ckpt is our training checkpoint's dict
-    {model, model_args, tokenizer, optimizer, iter_num, ...}, or None for Whisper weights (an
-    openai-whisper .pt, a Hugging Face or CTranslate2 directory: whisper_io.load_whisper).
-    Bad input raises ValueError, one line naming the file."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: checkpoint not found")
-    ckpt = None
-    if os.path.isfile(path) and os.path.basename(path) != "model.bin":  # model.bin: CTranslate2
-        try:  # weights_only: tensors, numbers, strings, bytes and containers; no arbitrary objects
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: torch.load(weights_only=True) fails ({_line(e)})") from None
-        if isinstance(ckpt, dict) and "dims" in ckpt and "model_state_dict" in ckpt:
-            ckpt = None  # openai-whisper's format
-        elif not (isinstance(ckpt, dict) and {"model", "model_args", "tokenizer"} <= ckpt.keys()):
-            raise ValueError(f"{path}: unknown format: neither our checkpoint (model, model_args, "
-                             "tokenizer) nor openai-whisper weights (dims, model_state_dict)")
-    if ckpt is None:
-        model, tokenizer = whisper_io.load_whisper(path)
-        return model.to(device).eval(), tokenizer, None
-    try:
-        args = ckpt["model_args"]  # the audio-LLM's dimensions name its <|audio|> token
-        model = (AudioLLM(AudioLLMDimensions(**args)) if "audio_token" in args else
-                 Whisper(ModelDimensions(**args)))
-        prefix = r"^(_orig_mod\.|module\.)+"  # added by torch.compile and DDP
-        model.load_state_dict({re.sub(prefix, "", k): v for k, v in ckpt["model"].items()})
-        tokenizer = whisper_io.tokenizer_from_dict(ckpt["tokenizer"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: bad checkpoint ({_line(e)})") from None
-    return model.to(device).eval(), tokenizer, ckpt
-
-def atomic_save(obj, path):
-    """torch.save to path.tmp, then renamed over path: a crash or a full disk mid-write leaves the
-    previous file as it was (and no .tmp behind). A full disk is an OSError that says so."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)  # in memory first: torch's own writer hides the reason of a failed write
-    try:
-        with open(path + ".tmp", "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise OSError(f"{path}: cannot save ({e.strerror or e}); the previous file is intact") \
-            from None
-
-def trim_log(path, iter_num):
-    """A resumed run's log.jsonl: keep the records up to the checkpoint's iteration (the later
-    ones are done again)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            records = [r for r in f if json.loads(r)["iter"] <= iter_num]
-        with open(path, "w") as f:
-            f.writelines(records)
+# a cache of a frozen encoder's outputs
 
 class EncoderCache:
     """Outputs of a frozen encoder per audio file, rounded to float16, in memory and optionally on
@@ -141,7 +77,7 @@ def whisper_frames(model, tokenizer):
     encoder only know 30-s windows: 3000 mel frames; None for our models (mels padded to the
     longest in the batch)."""
     whisper = model.dims.n_audio_ctx == 1500 and (
-        isinstance(tokenizer, whisper_io.WhisperTokenizer) or isinstance(model, AudioLLM))
+        isinstance(tokenizer, WhisperTokenizer) or isinstance(model, AudioLLM))
     return data.N_FRAMES if whisper else None
 
 def _duration(row):
@@ -163,7 +99,7 @@ def too_long(model, tokenizer, rows, n_frames=None):
     """-> ([(row, frames)] of the rows longer than the model's encoder takes, that limit in mel
     frames). Our models' encoders take n_audio_ctx * conv_stride frames (or n_frames); Whisper
     weights have no limit: they transcribe a long clip in 30-s windows
-    (whisper_io.transcribe_long)."""
+    (transcribe_long)."""
     if whisper_frames(model, tokenizer) and not isinstance(model, AudioLLM):
         return [], None
     limit = model.dims.n_audio_ctx * getattr(model.dims, "conv_stride", 2)
@@ -179,7 +115,7 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
     EOT was reached. Rows are batched by prompt (language) and sorted by duration; mels are padded
     like data.Batches does. Whisper weights get transcribe()'s features: a clip up to 30 s is one
     window (n_frames=3000, data.whisper_mel), a longer one goes through
-    whisper_io.transcribe_long (greedy, whatever beam and temperature say). Our models refuse a
+    transcribe_long (greedy, whatever beam and temperature say). Our models refuse a
     clip longer than their encoder takes (a ValueError naming it), or with truncate=True cut it
     there. encode(mel, paths): the encoder
     output (an EncoderCache, say; not used for long clips); by default model.encoder. done:
@@ -219,7 +155,7 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
         for k in long:  # over 30 s: Whisper's windows, one clip at a time
             prompt = [t for t in prompts[k] if t != tokenizer.no_timestamps]  # timestamps on
             mel = data.whisper_mel(audio[k], n_mels, n_frames=None).to(device)
-            done[k] = whisper_io.transcribe_long(model, tokenizer, mel, prompt, max_new_tokens)
+            done[k] = transcribe_long(model, tokenizer, mel, prompt, max_new_tokens)
         idx = [k for k in idx if k not in long]
         if not idx:
             continue

@@ -1,6 +1,6 @@
 """
 A Whisper encoder-decoder with KV-cached batched decoding. Parameter names are openai-whisper's, so
-real Whisper weights load as they are (whisper_io.py); the student is the same class, smaller.
+real Whisper weights load as they are (checkpoint.py); the student is the same class, smaller.
 The paper's other student shape, an audio-LLM (Whisper encoder -> adapter -> causal LM), is AudioLLM
 at the end: its encoder and blocks are the same modules, its decoding is Whisper.generate's.
 """
@@ -432,7 +432,7 @@ class AudioLM(nn.Module):
 class AudioLLM(Whisper):
     """The paper's student: a Whisper encoder (frozen, the teacher's), the adapter and a causal LM
     (self.decoder), prompted <|user|><|begin_of_audio|> <|audio|> x N <|end_of_audio|> instruction
-    <|assistant|> (whisper_io.ChatTokenizer.prompt), N = audio_tokens(the clip's real frames)."""
+    <|assistant|> (tokenizer.ChatTokenizer.prompt), N = audio_tokens(the clip's real frames)."""
 
     def __init__(self, dims: AudioLLMDimensions):
         nn.Module.__init__(self)

@@ -30,7 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
-import whisper_io
+from checkpoint import atomic_save, load_checkpoint, trim_log
+from student import make_audio_llm, make_student
+from tokenizer import tokenizer_from_dict
 from model import AudioLLM, ModelDimensions, Whisper, length_mask
 
 # -----------------------------------------------------------------------------
@@ -42,8 +44,8 @@ log_interval = 10
 eval_only = False  # evaluate the initial model on val (and test_manifest) and exit
 always_save_checkpoint = False  # False: save when val WER improves (or at the end if never)
 init_from = 'scratch'  # 'scratch', 'resume', or a path: Whisper weights or our checkpoint
-student_layers = 0  # > 0: train whisper_io.make_student(<init_from model>): its encoder frozen
-student = 'whisper'  # 'audio_llm': whisper_io.make_audio_llm(<init_from>, student_layers or 2)
+student_layers = 0  # > 0: train make_student(<init_from model>): its encoder frozen
+student = 'whisper'  # 'audio_llm': make_audio_llm(<init_from>, student_layers or 2)
 freeze_embeddings = False  # token (= tied output) and position embeddings frozen too
 lm_lr_scale = 1.0  # the audio-LLM: its LM's learning rate as a share of the fresh adapter's
 encoder_cache_dir = ''  # a frozen encoder's outputs per clip kept here (Whisper's 30-s window only)
@@ -165,24 +167,24 @@ checkpoint, frozen = None, []
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         fail(f"init_from='resume' but {ckpt_path} does not exist")
-    model, tokenizer, checkpoint = evaluate.load_checkpoint(ckpt_path)
+    model, tokenizer, checkpoint = load_checkpoint(ckpt_path)
     frozen = checkpoint.get('frozen', [])
 elif init_from == 'scratch':  # a SentencePiece model of the training texts: rank 0 trains it
     texts = [r['text'] for r in train_rows if r.get('text')]
     obj = [data.SentencePieceTokenizer.train(texts, vocab_size).to_dict() if master else None]
     if ddp:
         dist.broadcast_object_list(obj, src=0)
-    tokenizer = whisper_io.tokenizer_from_dict(obj[0])
+    tokenizer = tokenizer_from_dict(obj[0])
     model = Whisper(ModelDimensions(n_mels, n_audio_ctx, n_audio_state, n_audio_head, n_audio_layer,
                                     tokenizer.n_vocab, n_text_ctx, n_text_state, n_text_head,
                                     n_text_layer, conv_stride, ctc_weight > 0, dropout))
 else:
-    model, tokenizer, ckpt = evaluate.load_checkpoint(init_from)
+    model, tokenizer, ckpt = load_checkpoint(init_from)
     frozen = (ckpt or {}).get('frozen', [])  # a student's base row keeps its frozen parts
     if student == 'audio_llm':
-        model, tokenizer = whisper_io.make_audio_llm(model, tokenizer, student_layers or 2)
+        model, tokenizer = make_audio_llm(model, tokenizer, student_layers or 2)
     elif student_layers > 0:
-        model = whisper_io.make_student(model, student_layers)
+        model = make_student(model, student_layers)
     if model.dims.dropout != dropout:  # a module attribute, fixed at construction
         weights = model.state_dict()
         grads = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -265,7 +267,7 @@ if checkpoint is not None:
     iter_num, best_val_wer = checkpoint['iter_num'], checkpoint['best_val_wer']
     loader = checkpoint['loader']
     if master:  # the records past the checkpoint are done again
-        evaluate.trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+        trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
     torch.set_rng_state(checkpoint['rng']['torch'])
     aug_gen.set_state(checkpoint['rng']['aug'])
     if device_type == 'cuda' and checkpoint['rng'].get('cuda') is not None:
@@ -374,7 +376,7 @@ def save_checkpoint():
             'frozen': frozen, 'loader': dict(loader),
             'rng': {'torch': torch.get_rng_state(), 'aug': aug_gen.get_state(),
                     'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
-    evaluate.atomic_save(ckpt, ckpt_path)
+    atomic_save(ckpt, ckpt_path)
     print(f"saved checkpoint to {ckpt_path}")
 
 if master:

@@ -1,7 +1,7 @@
 # Ark-Base, the audio-LLM student's supervised row, as the demo runs it (python demo.py
 # --rows=ark_base): Whisper base's frozen encoder, an adapter, and a causal LM of 4 blocks from
 # base's decoder layers 0 and 5 (each layer's self-attention, then its cross-attention and MLP:
-# whisper_io.make_audio_llm), CE on transcript + <|im_end|>. The paper's Ark-Base is fully
+# student.make_audio_llm), CE on transcript + <|im_end|>. The paper's Ark-Base is fully
 # supervised: the demo synthesizes 2,000 Piper clips of its own (data/synth_piper_ark), Ark-Base
 # trains on the first 1,600 with their labels (ark_opd then reads all 2,000 without labels: the
 # same audio and new audio). The fresh adapter trains at learning_rate, the LM at a tenth of it

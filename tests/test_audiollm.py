@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 
 import distill
+from checkpoint import load_checkpoint
 from data import Batches, SentencePieceTokenizer, read_manifest, write_manifest
 from distill import masked_log_softmax, opd_step, opd_step_text, Rescore, rollout, union_support
 from model import MERGE, Adapter, AudioLLM, ModelDimensions, Whisper, audio_tokens, length_mask
-from whisper_io import ChatTokenizer, make_audio_llm, token_map, token_strings
+from student import make_audio_llm
+from tokenizer import ChatTokenizer, token_map, token_strings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
@@ -348,7 +350,7 @@ def test_ark_base_trains_and_reloads(ark, toks):
     d, p = ark
     loss = [json.loads(r)['loss'] for r in open(d / 'base' / 'log.jsonl') if '"loss"' in r]
     assert len(loss) == 4 and loss[-1] < loss[0]
-    model, tok, ckpt = evaluate.load_checkpoint(str(d / 'base' / 'ckpt.pt'))  # weights_only
+    model, tok, ckpt = load_checkpoint(str(d / 'base' / 'ckpt.pt'))  # weights_only
     assert isinstance(model, AudioLLM) and isinstance(tok, ChatTokenizer)
     assert tok.to_dict()['base'] == toks[0].to_dict()
     assert ckpt['frozen'] and all(n.startswith('encoder.') for n in ckpt['frozen'])
@@ -371,7 +373,7 @@ def test_ark_opd_lowers_the_kl_to_the_teacher(ark):
     assert len(kl) == 10 and kl[-1] < 0.5 * kl[0], kl
     assert all(0 <= r['retokenize_mismatch_ratio'] <= 1 for r in log if 'loss' in r)
     import evaluate
-    model, _, _ = evaluate.load_checkpoint(str(d / 'opd' / 'ckpt.pt'))
+    model, _, _ = load_checkpoint(str(d / 'opd' / 'ckpt.pt'))
     assert isinstance(model, AudioLLM)
 
 def test_lm_lr_scale_and_frozen_embeddings(ark):
@@ -386,8 +388,8 @@ def test_lm_lr_scale_and_frozen_embeddings(ark):
                          batch_size=4, eval_interval=6, log_interval=3, learning_rate=1e-3,
                          warmup_iters=1, decay_lr=False, weight_decay=0.0, device='cpu',
                          always_save_checkpoint=True))
-    model, _, ckpt = evaluate.load_checkpoint(str(d / 'scaled' / 'ckpt.pt'))
-    t_model, t_tok, _ = evaluate.load_checkpoint(str(d / 'teacher.pt'))
+    model, _, ckpt = load_checkpoint(str(d / 'scaled' / 'ckpt.pt'))
+    t_model, t_tok, _ = load_checkpoint(str(d / 'teacher.pt'))
     init = make_audio_llm(t_model, t_tok, 2)[0].decoder.state_dict()
     assert sorted(ckpt['frozen']) == sorted(
         n for n, _ in model.named_parameters()
@@ -403,7 +405,7 @@ def test_lm_lr_scale_and_frozen_embeddings(ark):
                            out_dir=d / 'scaled_opd', max_iters=2, batch_size=4, topk=16,
                            max_new_tokens=16, tokens_per_second=4.0, device='cpu',
                            ngram_stop=2, loop_unlikelihood=3.0))
-    opd, _, opd_ckpt = evaluate.load_checkpoint(str(d / 'scaled_opd' / 'ckpt.pt'))
+    opd, _, opd_ckpt = load_checkpoint(str(d / 'scaled_opd' / 'ckpt.pt'))
     assert sorted(opd_ckpt['frozen']) == sorted(ckpt['frozen'])
     assert not torch.equal(opd.decoder.state_dict()['blocks.0.attn.query.weight'],
                            lm['blocks.0.attn.query.weight'])

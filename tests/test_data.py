@@ -12,7 +12,7 @@ import torch
 from data import (Batches, SAMPLE_RATE, SentencePieceTokenizer, aishell_manifest,
                   librispeech_manifest, load_audio, log_mel_spectrogram, mel_filters, read_manifest,
                   resample, spec_augment, utterance_mel, whisper_mel, write_manifest)
-from whisper_io import tokenizer_from_dict
+from tokenizer import tokenizer_from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

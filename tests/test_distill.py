@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import distill
+from checkpoint import load_checkpoint
 from distill import masked_log_softmax, opd_loss, opd_step, pack, rollout, Rescore, union_support
 from model import ModelDimensions, Whisper
 
@@ -342,7 +343,7 @@ def test_resume_is_exact_and_checkpoint_loads(setup):
     run(dict(kw, out_dir=str(d / 'resumed'), max_iters=4, init_from='resume'))
     a, b = weights(d / 'straight' / 'ckpt.pt'), weights(d / 'resumed' / 'ckpt.pt')
     assert all(torch.equal(a[k], b[k]) for k in a)
-    model, tok, ckpt = evaluate.load_checkpoint(str(d / 'resumed' / 'ckpt.pt'))
+    model, tok, ckpt = load_checkpoint(str(d / 'resumed' / 'ckpt.pt'))
     assert ckpt['iter_num'] == 4 and tok.n_vocab == model.dims.n_vocab
     assert model.dims.dropout == 0.0  # the student's dropout 0.2 is off in OPD
     assert all(n.startswith('encoder.') for n in ckpt['frozen']) and ckpt['frozen']
@@ -365,11 +366,11 @@ def test_compiled_path_runs(setup):
 def test_distilled_student_exports_to_openai_whisper(setup):
     whisper = pytest.importorskip('whisper')
     import evaluate
-    import whisper_io
+    import checkpoint
     base, d = setup
     run(dict(base, out_dir=str(d / 'export'), max_iters=1))
-    model, tok, _ = evaluate.load_checkpoint(str(d / 'export' / 'ckpt.pt'))
-    whisper_io.save_pt(model, str(d / 'student.whisper.pt'), tok)
+    model, tok, _ = load_checkpoint(str(d / 'export' / 'ckpt.pt'))
+    checkpoint.save_pt(model, str(d / 'student.whisper.pt'), tok)
     theirs = whisper.load_model(str(d / 'student.whisper.pt'), device='cpu')
     mel, tokens = torch.randn(1, 80, 800), torch.tensor([tok.sot_sequence() + [5, 6, 7]])
     with torch.no_grad():

@@ -15,6 +15,7 @@ import torch
 
 import data
 import evaluate
+from checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,7 +212,7 @@ def test_resumed_log_is_cut_back_to_the_checkpoint(world, tmp_path, script):
 
 def test_decoding_does_not_depend_on_the_batch(world, tiny_corpus, tmp_path):
     _, _, good = world
-    model, tok, _ = evaluate.load_checkpoint(str(good))
+    model, tok, _ = load_checkpoint(str(good))
     rows = data.read_manifest(f'{tiny_corpus}/train.jsonl')
     clips = [data.load_audio(r['audio']) for r in rows[:3]]
     long = tmp_path / 'long.wav'  # three clips in one: far longer than the others

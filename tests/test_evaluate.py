@@ -15,6 +15,7 @@ import torch
 
 import data
 import evaluate
+from checkpoint import load_checkpoint
 from model import ModelDimensions, Whisper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +127,7 @@ def test_load_checkpoint_round_trip(setup, tmp_path):
                 optimizer=opt.state_dict(), frozen=["encoder.conv1.weight"], best_val_wer=None,
                 loader={"epoch": 1, "step": 2}, rng={"torch": torch.get_rng_state()})
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    loaded, tok2, ck = evaluate.load_checkpoint(tmp_path / "ckpt.pt")
+    loaded, tok2, ck = load_checkpoint(tmp_path / "ckpt.pt")
     assert not loaded.training and ck["loader"] == {"epoch": 1, "step": 2}
     assert tok2.to_dict() == tok.to_dict() and isinstance(tok2.to_dict()["model"], bytes)
     sd = model.state_dict()
@@ -141,7 +142,7 @@ def test_load_checkpoint_bad_files_are_one_line(setup, tmp_path):
     torch.save({"model": {}, "model_args": {}, "tokenizer": data.Batches}, tmp_path / "object.pt")
     for name in ("random.pt", "truncated.pt", "list.pt", "object.pt", "missing.pt"):
         with pytest.raises(ValueError) as e:  # object.pt: weights_only refuses to unpickle it
-            evaluate.load_checkpoint(tmp_path / name)
+            load_checkpoint(tmp_path / name)
         assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 def test_encoder_cache_memory_and_disk(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ import soundfile as sf
 import torch
 
 import data
-import whisper_io
+import checkpoint
+import longform
 from score import normalize_en
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,8 +105,8 @@ def test_two_minutes_lose_no_sentence(weights, tmp_path):
     # the references' transcribe() on the same 16-kHz samples
     torch.set_num_threads(2)
     audio = data.load_audio(wav)
-    model, tok = whisper_io.load_whisper(model_dir)
-    whisper_io.save_pt(model, str(tmp_path / "tiny.en.pt"), tok)
+    model, tok = checkpoint.load_whisper(model_dir)
+    checkpoint.save_pt(model, str(tmp_path / "tiny.en.pt"), tok)
     ref = whisper.load_model(str(tmp_path / "tiny.en.pt"), device="cpu")
     theirs = whisper.transcribe(ref, audio, language="en", temperature=0.0, fp16=False,
                                 condition_on_previous_text=False)["text"].strip()
@@ -116,7 +117,7 @@ def test_two_minutes_lose_no_sentence(weights, tmp_path):
     assert hyp == "".join(s.text for s in segments).strip()
 
 def test_timestamp_rules_are_openai_whispers():
-    """whisper_io.timestamp_rules masks what openai-whisper's ApplyTimestampRules masks, step by
+    """longform.timestamp_rules masks what openai-whisper's ApplyTimestampRules masks, step by
     step along sequences sampled under the rules (a toy vocabulary: 10 text tokens, EOT, a
     control token, <|notimestamps|>, 40 timestamps)."""
     decoding = pytest.importorskip("whisper.decoding")
@@ -132,7 +133,7 @@ def test_timestamp_rules_are_openai_whispers():
             logits[13:] += torch.rand(1, generator=g) * 4 - 1  # more or fewer timestamps
             theirs = logits.clone()[None]
             rules.apply(theirs, torch.tensor([[0, 1] + sampled]))
-            ours = whisper_io.timestamp_rules(logits.clone(), sampled, tok, max_initial=5)
+            ours = longform.timestamp_rules(logits.clone(), sampled, tok, max_initial=5)
             assert torch.equal(ours, theirs[0]), sampled
             steps += 1
             token = int(torch.multinomial(ours.softmax(-1), 1, generator=g))

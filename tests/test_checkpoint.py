@@ -1,4 +1,4 @@
-"""whisper_io.py: Whisper checkpoints (CTranslate2 / openai .pt / Hugging Face) and the Whisper
+"""checkpoint.py: Whisper checkpoints (CTranslate2 / openai .pt / Hugging Face) and the Whisper
 tokenizer, checked against openai-whisper, the `tokenizers` package, transformers and
 faster-whisper (test-only references)."""
 from functools import partial
@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-import whisper_io
+import checkpoint
+import student as student_io
+import tokenizer as tokenizer_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def tiny(weights):  # weights: tests/conftest.py
-    return whisper_io.load_whisper(os.path.join(weights, "tiny.en"))
+    return checkpoint.load_whisper(os.path.join(weights, "tiny.en"))
 
 def logits(model, tokens, seed=0, n_frames=3000):
     g = torch.Generator().manual_seed(seed)
@@ -34,10 +36,10 @@ def logits(model, tokens, seed=0, n_frames=3000):
 @pytest.mark.parametrize("name", ["tiny.en", pytest.param("base", marks=pytest.mark.slow)])
 def test_ct2_matches_openai_whisper(weights, tmp_path, name):
     whisper = pytest.importorskip("whisper")
-    model, tok = whisper_io.load_whisper(os.path.join(weights, name))
+    model, tok = checkpoint.load_whisper(os.path.join(weights, name))
     assert model.dims.n_vocab == tok.n_vocab
     path = str(tmp_path / f"{name}.pt")
-    whisper_io.save_pt(model, path, tok)
+    checkpoint.save_pt(model, path, tok)
     ref = whisper.load_model(path, device="cpu")
     tokens = tok.sot_sequence() + tok.encode(" The quick brown fox.")
     a = logits(model, tokens)
@@ -54,7 +56,7 @@ def test_ct2_matches_openai_whisper(weights, tmp_path, name):
     assert list(wt.non_speech_tokens) == tok.non_speech_tokens()
 
 def test_special_ids(weights):
-    en, multi = (whisper_io.load_tokenizer(os.path.join(weights, n)) for n in ("tiny.en", "base"))
+    en, multi = (tokenizer_io.load_tokenizer(os.path.join(weights, n)) for n in ("tiny.en", "base"))
     assert (en.eot, en.sot, en.n_vocab, en.multilingual) == (50256, 50257, 51864, False)
     assert (multi.eot, multi.sot, multi.n_vocab, multi.multilingual) == (50257, 50258, 51865, True)
     assert en.sot_sequence() == [50257, 50362]
@@ -74,7 +76,7 @@ def test_suppress_equals_faster_whisper(weights):
     fw = pytest.importorskip("faster_whisper.transcribe")
     from faster_whisper.tokenizer import Tokenizer
     for name, multilingual in (("tiny.en", False), ("base", True)):
-        tok = whisper_io.load_tokenizer(os.path.join(weights, name))
+        tok = tokenizer_io.load_tokenizer(os.path.join(weights, name))
         hf = tokenizers.Tokenizer.from_file(os.path.join(weights, name, "tokenizer.json"))
         ft = Tokenizer(hf, multilingual, task="transcribe", language="en")
         assert tok.suppress == list(fw.get_suppressed_tokens(ft, [-1]))
@@ -84,12 +86,12 @@ def test_round_trips(tiny, tmp_path):
     model, tok = tiny
     tokens = tok.sot_sequence() + tok.encode(" Hello there, world!")
     ref = logits(model, tokens, n_frames=400)
-    whisper_io.save_pt(model, str(tmp_path / "m.pt"), tok)
-    m2, t2 = whisper_io.load_whisper(str(tmp_path / "m.pt"))
+    checkpoint.save_pt(model, str(tmp_path / "m.pt"), tok)
+    m2, t2 = checkpoint.load_whisper(str(tmp_path / "m.pt"))
     assert torch.equal(logits(m2, tokens, n_frames=400), ref)
     assert t2.encode("x y z") == tok.encode("x y z")
-    whisper_io.save_hf(model, tok, str(tmp_path / "hf"))
-    m3, t3 = whisper_io.load_whisper(str(tmp_path / "hf"))
+    checkpoint.save_hf(model, tok, str(tmp_path / "hf"))
+    m3, t3 = checkpoint.load_whisper(str(tmp_path / "hf"))
     assert torch.equal(logits(m3, tokens, n_frames=400), ref)
     assert t3.sot_sequence() == tok.sot_sequence()
     # a .pt without the tokenizer key (as openai-whisper writes it) finds openai-whisper's assets
@@ -99,7 +101,7 @@ def test_round_trips(tiny, tmp_path):
     os.makedirs(tmp_path / "plain")
     torch.save(ckpt, str(tmp_path / "plain" / "m.pt"))
     os.symlink(tok.files["tokenizer.json"], str(tmp_path / "plain" / "tokenizer.json"))
-    m4, t4 = whisper_io.load_whisper(str(tmp_path / "plain" / "m.pt"))
+    m4, t4 = checkpoint.load_whisper(str(tmp_path / "plain" / "m.pt"))
     assert torch.equal(logits(m4, tokens, n_frames=400), ref) and t4.eot == tok.eot
 
 @pytest.mark.slow
@@ -107,7 +109,7 @@ def test_transformers_reads_hf_export(tiny, tmp_path):
     transformers = pytest.importorskip(
         "transformers", reason="transformers not installed (test-only: pip install transformers)")
     model, tok = tiny
-    whisper_io.save_hf(model, tok, str(tmp_path / "hf"))
+    checkpoint.save_hf(model, tok, str(tmp_path / "hf"))
     hf = transformers.WhisperForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
     mel = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(1))
     tokens = torch.tensor([tok.sot_sequence() + tok.encode(" one two three")])
@@ -135,7 +137,7 @@ def test_transformers_reads_hf_export(tiny, tmp_path):
 
 def test_hf_loader_checks(tiny, tmp_path):
     model, tok = tiny
-    whisper_io.save_hf(model, tok, str(tmp_path))
+    checkpoint.save_hf(model, tok, str(tmp_path))
     header_len = struct.unpack("<Q", open(tmp_path / "model.safetensors", "rb").read(8))[0]
     header = json.loads(open(tmp_path / "model.safetensors", "rb").read(8 + header_len)[8:])
     assert "model.decoder.layers.0.encoder_attn.k_proj.weight" in header
@@ -144,7 +146,7 @@ def test_hf_loader_checks(tiny, tmp_path):
     del cfg["d_model"]
     json.dump(cfg, open(tmp_path / "config.json", "w"))
     with pytest.raises(ValueError, match=r"config.json: missing field\(s\) d_model"):
-        whisper_io.load_whisper(str(tmp_path))
+        checkpoint.load_whisper(str(tmp_path))
 
 def test_safetensors_dtypes(tmp_path):
     """fp16 / bf16 tensors are read (as fp32); anything else is a clear error."""
@@ -159,13 +161,13 @@ def test_safetensors_dtypes(tmp_path):
         off += len(blob)
     h = json.dumps(header).encode()
     (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + blobs)
-    t = whisper_io.read_safetensors(str(tmp_path / "x.safetensors"))
+    t = checkpoint.read_safetensors(str(tmp_path / "x.safetensors"))
     assert torch.equal(t["h"], a.half().float()) and torch.equal(t["b"], a.bfloat16().float())
     header["h"]["dtype"] = "I8"
     h = json.dumps(header).encode()
     (tmp_path / "y.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + blobs)
     with pytest.raises(ValueError, match="y.safetensors: tensor h has dtype I8"):
-        whisper_io.read_safetensors(str(tmp_path / "y.safetensors"))
+        checkpoint.read_safetensors(str(tmp_path / "y.safetensors"))
 
 # -----------------------------------------------------------------------------
 # bad inputs: one-line errors naming the file
@@ -188,7 +190,7 @@ def _ct2_dir(weights, tmp_path, model_bin=None, config=None, tokenizer=True):
 
 def _one_line_error(path, match):
     with pytest.raises(ValueError, match=match) as e:
-        whisper_io.load_whisper(path)
+        checkpoint.load_whisper(path)
     assert "\n" not in str(e.value)
 
 def test_truncated_model_bin(weights, tmp_path):
@@ -227,16 +229,16 @@ def test_ct2_reader_dtypes(tmp_path):
     bf16 = torch.from_numpy(a).bfloat16().view(torch.int16).numpy()
     blob = _ct2_bytes({"a": (0, a), "b": (4, a.astype(np.float16)), "c": (5, bf16)})
     (tmp_path / "m.bin").write_bytes(blob)
-    spec, v = whisper_io.read_ct2(str(tmp_path / "m.bin"))
+    spec, v = checkpoint.read_ct2(str(tmp_path / "m.bin"))
     assert spec == "WhisperSpec" and torch.equal(v["a"], torch.from_numpy(a))
     assert v["b"].dtype == torch.float16
     assert torch.equal(v["c"], torch.from_numpy(a).bfloat16().float())
 
 def test_cli_errors():
-    run = lambda *args: subprocess.run([sys.executable, "whisper_io.py", *args], cwd=ROOT,
+    run = lambda *args: subprocess.run([sys.executable, "checkpoint.py", *args], cwd=ROOT,
                                        capture_output=True, text=True)
     r = run()
-    assert r.returncode == 1 and "usage: python whisper_io.py weights" in r.stderr
+    assert r.returncode == 1 and "usage: python checkpoint.py weights" in r.stderr
     r = run("weights", "--out=weights")
     assert r.returncode == 2 and "unknown config key: out" in r.stderr
 
@@ -272,7 +274,7 @@ def _strings():
 def test_tokenizer_equals_tokenizers_package(weights, name):
     tokenizers = pytest.importorskip("tokenizers")
     ref = tokenizers.Tokenizer.from_file(os.path.join(weights, name, "tokenizer.json"))
-    tok = whisper_io.load_tokenizer(os.path.join(weights, name))
+    tok = tokenizer_io.load_tokenizer(os.path.join(weights, name))
     for s in _strings():
         ids = tok.encode(s)
         assert ids == ref.encode(s, add_special_tokens=False).ids, s
@@ -282,20 +284,20 @@ def test_tokenizer_equals_tokenizers_package(weights, name):
 
 @pytest.mark.parametrize("name,vocab", [("tiny.en", "vocabulary.txt"), ("base", "vocabulary.json")])
 def test_tokenizer_from_vocabulary_and_tiktoken(weights, tmp_path, name, vocab):
-    tok = whisper_io.load_tokenizer(os.path.join(weights, name))
-    other = whisper_io.load_tokenizer(os.path.join(weights, name, vocab))
+    tok = tokenizer_io.load_tokenizer(os.path.join(weights, name))
+    other = tokenizer_io.load_tokenizer(os.path.join(weights, name, vocab))
     assert other.specials == {k: v for k, v in tok.specials.items()} and other.ranks == tok.ranks
-    lines = [f"{whisper_io.base64.b64encode(t).decode()} {r}" for t, r in tok.ranks.items()]
+    lines = [f"{tokenizer_io.base64.b64encode(t).decode()} {r}" for t, r in tok.ranks.items()]
     (tmp_path / "x.tiktoken").write_text("\n".join(lines) + "\n")
-    tk = whisper_io.load_tokenizer(str(tmp_path / "x.tiktoken"), n_vocab=tok.n_vocab)
+    tk = tokenizer_io.load_tokenizer(str(tmp_path / "x.tiktoken"), n_vocab=tok.n_vocab)
     assert ((tk.eot, tk.sot, tk.sot_sequence(), tk.suppress) ==
             (tok.eot, tok.sot, tok.sot_sequence(), tok.suppress))
 
 def test_tokenizer_to_dict(weights):
-    tok = whisper_io.load_tokenizer(os.path.join(weights, "base"), language="zh")
+    tok = tokenizer_io.load_tokenizer(os.path.join(weights, "base"), language="zh")
     d = pickle.loads(pickle.dumps(tok.to_dict()))
     assert d["kind"] == "whisper"
-    for back in (whisper_io.WhisperTokenizer.from_dict(d), whisper_io.tokenizer_from_dict(d)):
+    for back in (tokenizer_io.WhisperTokenizer.from_dict(d), tokenizer_io.tokenizer_from_dict(d)):
         for attr in ("eot", "sot", "n_vocab", "suppress", "suppress_blank", "specials"):
             assert getattr(back, attr) == getattr(tok, attr)
         assert back.sot_sequence() == tok.sot_sequence() == [50258, 50260, 50359, 50363]
@@ -303,20 +305,20 @@ def test_tokenizer_to_dict(weights):
 
 def test_languages_list():
     whisper = pytest.importorskip("whisper")
-    assert whisper_io.LANGUAGES == list(whisper.tokenizer.LANGUAGES)
+    assert tokenizer_io.LANGUAGES == list(whisper.tokenizer.LANGUAGES)
 
 # -----------------------------------------------------------------------------
 # student
 
 def test_spaced_layers():
-    assert whisper_io.spaced_layers(6, 2) == [0, 5]
-    assert whisper_io.spaced_layers(32, 2) == [0, 31]
-    assert whisper_io.spaced_layers(4, 4) == [0, 1, 2, 3]
-    assert whisper_io.spaced_layers(6, 3) == [0, 2, 5]
+    assert student_io.spaced_layers(6, 2) == [0, 5]
+    assert student_io.spaced_layers(32, 2) == [0, 31]
+    assert student_io.spaced_layers(4, 4) == [0, 1, 2, 3]
+    assert student_io.spaced_layers(6, 3) == [0, 2, 5]
 
 def test_make_student(tiny):
     model, tok = tiny
-    student = whisper_io.make_student(model, n_decoder_layers=2)
+    student = student_io.make_student(model, n_decoder_layers=2)
     s, t = student.state_dict(), model.state_dict()
     assert all(torch.equal(v, t[k]) for k, v in s.items() if k.startswith("encoder."))
     assert torch.equal(s["decoder.blocks.1.mlp.0.weight"], t["decoder.blocks.3.mlp.0.weight"])
@@ -324,7 +326,7 @@ def test_make_student(tiny):
     assert not any(p.requires_grad for p in student.encoder.parameters())
     assert all(p.requires_grad for p in student.decoder.parameters())
     assert student.dims.n_text_layer == 2 and student.dims.n_audio_layer == model.dims.n_audio_layer
-    small = whisper_io.make_student(model, n_decoder_layers=1, n_encoder_layers=2,
+    small = student_io.make_student(model, n_decoder_layers=1, n_encoder_layers=2,
                                     freeze_encoder=False)
     assert small.dims.n_audio_layer == 2
     assert torch.equal(small.state_dict()["encoder.blocks.1.attn.query.weight"],
@@ -402,7 +404,7 @@ def test_greedy_matches_faster_whisper(weights, tmp_path, name):
     pytest.importorskip("faster_whisper")
     audios = _espeak_audio(str(tmp_path), SENTENCES)
     model_dir = os.path.join(weights, name)
-    model, tok = whisper_io.load_whisper(model_dir)
+    model, tok = checkpoint.load_whisper(model_dir)
     torch.set_num_threads(2)
     ids = []
     ours = our_transcripts(model, tok, audios, ids=ids)
@@ -422,7 +424,7 @@ def test_beam5_mostly_matches_faster_whisper(weights, tmp_path, name):
     pytest.importorskip("faster_whisper")
     audios = _espeak_audio(str(tmp_path), SENTENCES)
     model_dir = os.path.join(weights, name)
-    model, tok = whisper_io.load_whisper(model_dir)
+    model, tok = checkpoint.load_whisper(model_dir)
     torch.set_num_threads(2)
     ours = our_transcripts(model, tok, audios, beam_size=5)
     ref = faster_whisper_transcripts(model_dir, audios, beam_size=5)
@@ -436,7 +438,7 @@ def test_openai_whisper_transcribes_exported_pt_like_us(tiny, tmp_path):
     import data
     model, tok = tiny
     path = str(tmp_path / "tiny.en.pt")
-    whisper_io.save_pt(model, path, tok)
+    checkpoint.save_pt(model, path, tok)
     ref = whisper.load_model(path, device="cpu")
     wav = str(tmp_path / "fox.wav")
     subprocess.run(["espeak-ng", "-v", "en-us", "-w", wav,
@@ -517,8 +519,8 @@ def test_evaluate_cli_matches_transcribe(weights, tmp_path, name):
     torch.set_num_threads(2)
     audios = [data.load_audio(r["audio"]) for r in rows]
     assert ours == faster_whisper_transcripts(model_dir, audios)
-    model, tok = whisper_io.load_whisper(model_dir)
-    whisper_io.save_pt(model, str(tmp_path / "m.pt"), tok)
+    model, tok = checkpoint.load_whisper(model_dir)
+    checkpoint.save_pt(model, str(tmp_path / "m.pt"), tok)
     ref = whisper.load_model(str(tmp_path / "m.pt"), device="cpu")
     theirs = [whisper.transcribe(ref, a, language="en", temperature=0.0, fp16=False,
                                  without_timestamps=True, condition_on_previous_text=False)

@@ -1,0 +1,245 @@
+"""
+Tokenizers: Whisper's byte-level BPE on tiktoken (WhisperTokenizer, read from tokenizer.json,
+vocabulary.json/.txt or .tiktoken files), the audio-LLM's ChatTokenizer on top of one, the map
+between two vocabularies by token string (token_map), and tokenizer_from_dict (a checkpoint's).
+"""
+import base64
+import json
+import os
+
+import torch
+
+from data import SentencePieceTokenizer
+from model import audio_tokens
+
+LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da "
+             "hu ta no th ur hr bg lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne "
+             "mn bs kk sq sw gl mr pa si km sn yo so af oc ka be tg sd gu am yi lo uz fo ht ps tk "
+             "nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue").split()
+N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|>
+PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from bytes to printable characters (byte-level BPE vocab files)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    bs += range(ord("®"), ord("ÿ") + 1)
+    rest = [b for b in range(256) if b not in bs]  # the others map to 256, 257, ...
+    return dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
+
+def special_names(languages, nospeech="<|nospeech|>"):
+    """Whisper's special tokens in id order, starting at <|endoftext|>."""
+    return (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{c}|>" for c in languages] +
+            ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", nospeech,
+             "<|notimestamps|>"] + [f"<|{i * 0.02:.2f}|>" for i in range(N_TIMESTAMPS)])
+
+class WhisperTokenizer:
+    """Whisper's byte-level BPE (tiktoken) and special tokens; nanoOPD's tokenizer interface."""
+
+    def __init__(self, ranks, languages, language=None, files=None):
+        import tiktoken
+        self.ranks = ranks  # bytes -> rank; the ranks 0..len-1 are the token ids
+        self.languages = list(languages)  # as the checkpoint spells them (tiny.en: "iw" for "he")
+        self.language = language or "en"
+        self.files = files or {}  # source tokenizer files (copied by save_hf), not part of to_dict
+        names = special_names(self.languages)
+        self.specials = {name: len(ranks) + i for i, name in enumerate(names)}
+        self.encoding = tiktoken.Encoding(name="whisper", pat_str=PAT_STR, mergeable_ranks=ranks,
+                                          special_tokens=self.specials)
+        sp = self.specials
+        self.eot, self.sot = sp["<|endoftext|>"], sp["<|startoftranscript|>"]
+        self.transcribe, self.translate = sp["<|transcribe|>"], sp["<|translate|>"]
+        self.sot_lm, self.sot_prev = sp["<|startoflm|>"], sp["<|startofprev|>"]
+        self.no_speech, self.no_timestamps = sp["<|nospeech|>"], sp["<|notimestamps|>"]
+        self.timestamp_begin = self.no_timestamps + 1
+        self.n_vocab = len(ranks) + len(names)
+        self.multilingual = self.n_vocab >= 51865  # as CTranslate2 decides (.en: 51864 ids)
+        # faster-whisper's suppress_tokens=[-1]: the non-speech symbols and the control tokens, at
+        # every step; at the first step suppress_ids_begin = [" ", eot] as well
+        control = {self.transcribe, self.translate, self.sot, self.sot_prev, self.sot_lm,
+                   self.no_speech}
+        self.suppress = sorted(set(self.non_speech_tokens()) | control)
+        self.suppress_blank = self.encode(" ") + [self.eot]
+
+    def encode(self, text):
+        return self.encoding.encode_ordinary(text)
+
+    def encode_text(self, text):
+        """A transcript as Whisper emits it, after a space (" Why are...", not "Why are..."):
+        labels without it teach a student a first token the teacher gives ~0 probability."""
+        return self.encode(" " + text.strip())
+
+    def decode(self, ids):
+        return self.encoding.decode([int(i) for i in ids if i < self.eot])
+
+    def sot_sequence(self, language=None):
+        if not self.multilingual:
+            return [self.sot, self.no_timestamps]
+        language = language or self.language
+        if f"<|{language}|>" not in self.specials:
+            raise ValueError(f"language {language!r} is not in this tokenizer "
+                             f"(has {', '.join(self.languages)})")
+        return [self.sot, self.specials[f"<|{language}|>"], self.transcribe, self.no_timestamps]
+
+    def non_speech_tokens(self):
+        """openai-whisper's / faster-whisper's symbol tokens that are never speech."""
+        symbols = list('"#()*+/:;<=>@[\\]^_`{|}~「」『』')
+        symbols += "<< >> <<< >>> -- --- -( -[ (' (\" (( )) ((( ))) [[ ]] {{ }}".split()
+        symbols += ["♪♪", "♪♪♪"]
+        miscellaneous = set("♩♪♫♬♭♮♯")
+        result = {self.encode(" -")[0], self.encode(" '")[0]}
+        for symbol in symbols + list(miscellaneous):
+            for tokens in [self.encode(symbol), self.encode(" " + symbol)]:
+                if len(tokens) == 1 or symbol in miscellaneous:
+                    result.add(tokens[0])
+        return sorted(result)
+
+    def to_dict(self):
+        ranks = sorted(self.ranks.items(), key=lambda kv: kv[1])
+        assert all(r == i for i, (_, r) in enumerate(ranks))
+        ranks = "\n".join(base64.b64encode(t).decode() for t, _ in ranks)
+        return {"kind": "whisper", "ranks": ranks, "languages": list(self.languages),
+                "language": self.language}
+
+    @classmethod
+    def from_dict(cls, d):
+        ranks = {base64.b64decode(t): i for i, t in enumerate(d["ranks"].split("\n"))}
+        return cls(ranks, d["languages"], d.get("language"))
+
+class ChatTokenizer:
+    """The audio-LLM student's tokenizer: a base tokenizer's ids for the text (the teacher's BPE
+    without its special tokens, or a SentencePiece model), then the six tokens of the paper's chat
+    prompt. <|im_end|> is the stop token (eot); every other special token is suppressed."""
+    ROLES = ("<|user|>", "<|assistant|>", "<|audio|>", "<|begin_of_audio|>", "<|end_of_audio|>",
+             "<|im_end|>")
+    INSTRUCTION = "Please transcribe this audio."
+
+    def __init__(self, base):
+        self.base = base
+        self.n_base = len(base.ranks) if isinstance(base, WhisperTokenizer) else base.n_vocab
+        self.specials = {name: self.n_base + i for i, name in enumerate(self.ROLES)}
+        self.n_vocab = self.n_base + len(self.ROLES)
+        self.user, self.assistant, self.audio, self.boa, self.eoa, self.eot = self.specials.values()
+        self.sot = self.user
+        self.instruction = base.encode(self.INSTRUCTION)
+        base_specials = {i for i in base.suppress + [base.eot] if i < self.n_base}
+        self.suppress = sorted(base_specials | set(self.specials.values()) - {self.eot})
+        self.suppress_blank = [i for i in base.suppress_blank if i < self.n_base
+                               and i != base.eot] + [self.eot]
+        self.encode, self.encode_text = base.encode, base.encode_text
+
+    def decode(self, ids):
+        return self.base.decode([i for i in ids if i < self.n_base])
+
+    def prompt(self, mel_frames=None):
+        """The student's prompt for a clip of mel_frames real frames (None: no audio slots)."""
+        n = 0 if mel_frames is None else audio_tokens(int(mel_frames))
+        return ([self.user, self.boa] + [self.audio] * n + [self.eoa] + self.instruction +
+                [self.assistant])
+
+    def sot_sequence(self, language=None):
+        return self.prompt()  # the prompt's tokens apart from the audio (one language)
+
+    def to_dict(self):
+        return {"kind": "chat", "base": self.base.to_dict()}
+
+def token_strings(tok):
+    """Each id's exact token string, as bytes: what the text route maps vocabularies by."""
+    if isinstance(tok, ChatTokenizer):
+        return token_strings(tok.base)[:tok.n_base] + [n.encode() for n in tok.ROLES]
+    if isinstance(tok, WhisperTokenizer):
+        return ([t for t, _ in sorted(tok.ranks.items(), key=lambda kv: kv[1])] +
+                [n.encode() for n in tok.specials])
+    sp = tok.sp  # SentencePiece: "▁" is the space it stands for
+    return [sp.id_to_piece(i).replace("\u2581", " ").encode() for i in range(tok.n_vocab)]
+
+def token_map(src, dst):
+    """(src.n_vocab,) the dst id of each src id with the same token string, -1 where dst has none;
+    the two stop tokens (eot) map to each other whatever their names."""
+    ids = {t: i for i, t in enumerate(token_strings(dst))}
+    out = torch.tensor([ids.get(t, -1) for t in token_strings(src)])
+    out[out == dst.eot] = -1
+    out[src.eot] = dst.eot
+    return out
+
+def tokenizer_from_dict(d):
+    """The tokenizer a checkpoint stores (its to_dict()): SentencePiece, Whisper's or the
+    audio-LLM's (ChatTokenizer on one of the two)."""
+    if d['kind'] == 'sentencepiece':
+        return SentencePieceTokenizer(d['model'])
+    if d['kind'] == 'whisper':
+        return WhisperTokenizer.from_dict(d)
+    if d['kind'] == 'chat':
+        return ChatTokenizer(tokenizer_from_dict(d['base']))
+    raise ValueError(f"unknown tokenizer kind {d['kind']!r}")
+
+def _check_specials(path, ids_by_name, eot):
+    """Whisper's specials, consecutive from eot in the standard order -> the language codes."""
+    sot, translate = ids_by_name.get("<|startoftranscript|>"), ids_by_name.get("<|translate|>")
+    if sot is None or translate is None:
+        raise ValueError(f"{path}: no <|startoftranscript|> or <|translate|> token "
+                         "(not a Whisper tokenizer)")
+    by_id = sorted(ids_by_name.items(), key=lambda kv: kv[1])
+    langs = [n[2:-2] for n, i in by_id if sot < i < translate]
+    nospeech = "<|nocaptions|>" if "<|nocaptions|>" in ids_by_name else "<|nospeech|>"
+    names = special_names(langs, nospeech)
+    for i, name in enumerate(names):
+        if ids_by_name.get(name, eot + i) != eot + i:  # timestamps may be missing; else in place
+            raise ValueError(f"{path}: special token {name} has id {ids_by_name.get(name)}, "
+                             f"expected {eot + i} (Whisper's layout)")
+    for name in names[:len(langs) + 8]:
+        if name not in ids_by_name:
+            raise ValueError(f"{path}: special token {name} missing")
+    return langs
+
+TOKENIZER_FILES = ("tokenizer.json", "vocabulary.json", "vocabulary.txt")
+
+def load_tokenizer(path, n_vocab=None, language=None):
+    """From tokenizer.json, vocabulary.json/.txt or a .tiktoken ranks file (or their directory)."""
+    if os.path.isdir(path):
+        for name in TOKENIZER_FILES + ("multilingual.tiktoken", "gpt2.tiktoken"):
+            if os.path.exists(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name), n_vocab, language)
+        raise ValueError(f"{os.path.join(path, 'tokenizer.json')}: tokenizer file not found (nor "
+                         "vocabulary.txt, vocabulary.json or *.tiktoken in that directory)")
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: tokenizer file not found")
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    if path.endswith(".tiktoken"):
+        ranks = {}
+        for line in open(path, "rb").read().splitlines():
+            if line:
+                token, rank = line.rsplit(b" ", 1)  # multilingual has one empty token (written "=")
+                ranks[base64.b64decode(token)] = int(rank)
+        if n_vocab is None:
+            raise ValueError(f"{path}: a .tiktoken file needs the model's n_vocab")
+        languages = LANGUAGES[:n_vocab - len(ranks) - 8 - N_TIMESTAMPS]
+    else:
+        try:
+            if path.endswith(".txt"):
+                tokens = open(path, encoding="utf-8").read().removesuffix("\n").split("\n")
+            else:
+                tokens = json.load(open(path, encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a tokenizer file ({e})")
+        if isinstance(tokens, dict):  # tokenizer.json: byte-level BPE vocab + added_tokens
+            try:
+                vocab = tokens["model"]["vocab"]
+                added = {t["content"]: t["id"] for t in tokens["added_tokens"]}
+            except (KeyError, TypeError):
+                raise ValueError(f"{path}: missing model.vocab or added_tokens "
+                                 "(not a Hugging Face tokenizer.json)")
+        else:  # vocabulary.json / vocabulary.txt: every token in id order
+            special = lambda t: t.startswith("<|") and t.endswith("|>")
+            vocab = {t: i for i, t in enumerate(tokens) if not special(t)}
+            added = {t: i for i, t in enumerate(tokens) if special(t)}
+        if "<|endoftext|>" not in added:
+            raise ValueError(f"{path}: no <|endoftext|> token")
+        eot = added["<|endoftext|>"]
+        ranks = {bytes(byte_of[c] for c in t): i for t, i in vocab.items() if t not in added}
+        if sorted(ranks.values()) != list(range(eot)):
+            raise ValueError(f"{path}: BPE ids are not 0..{eot - 1} below <|endoftext|>")
+        languages = _check_specials(path, added, eot)
+    tok = WhisperTokenizer(ranks, languages, language, files={os.path.basename(path): path})
+    if n_vocab is not None and tok.n_vocab != n_vocab:
+        raise ValueError(f"{path}: tokenizer has {tok.n_vocab} ids, the model {n_vocab}")
+    return tok
