@@ -420,15 +420,6 @@ def atomic_save(obj, path):
         raise OSError(f"{path}: cannot save ({e.strerror or e}); the previous file is intact") \
             from None
 
-def trim_log(path, iter_num):
-    """A resumed run's log.jsonl: keep the records up to the checkpoint's iteration (the later
-    ones are done again)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            records = [r for r in f if json.loads(r)["iter"] <= iter_num]
-        with open(path, "w") as f:
-            f.writelines(records)
-
 # -----------------------------------------------------------------------------
 # pip-installed weights -> ./weights/{tiny.en,base}
 

@@ -20,6 +20,9 @@ encoder -> adapter -> a causal LM of 4 blocks from base's decoder layers 0 and 5
 rollouts re-tokenized and scored by the teacher); its gap is ark_base -> teacher. Test WER is
 scored greedy and with Whisper's temperature fallback (loops: the transcripts it redoes); gap
 closed comes with a paired bootstrap interval.
+Each student row runs its recipe in config/ (RECIPES: train.py or distill.py on that file), which
+holds all of its training settings; demo.py adds only this run's paths and the seed (recipe_run),
+and for the smoke run a few steps on small batches.
 Everything goes to out/demo/: results.json, demo.png, one directory per row (ckpt.pt for
 evaluate.py --ckpt, log.jsonl; whisper.pt for openai-whisper from opd and td_opd).
 """
@@ -59,19 +62,29 @@ CORPUS_SEED = 1337
 # The corpus: fortunes sentences in the Piper voice (train, val = dev, test), and val's and test's
 # sentences again in espeak-ng voices never heard in training (val_espeak, test_espeak: 2 voice
 # families each, disjoint), the out-of-domain column. n_labeled training clips keep their labels
-# (base's SFT data); the n_unlabeled others are the audio of the later rows; token_noise for the
-# supervised rows (base, td)
+# (base's SFT data); the n_unlabeled others are the audio of the later rows. The audio-LLM rows
+# have their own ark_n_train clips, the first ark_n_labeled with their labels
 FULL = dict(corpus='data/synth_piper', n_labeled=80, n_unlabeled=320, n_val=40, n_test=150,
-            ood_voices=2, sft_iters=400, sft_lr=2e-4, sft_eval=25, sft_batch_size=8,
-            token_noise=0.3, iters=100, lr=3e-4, batch_size=16, warmup=5, ngram_stop=4,
-            loop_unlikelihood=3.0, val_max_utts=40, speed_utts=16,
-            ark_corpus='data/synth_piper_ark', ark_n_train=2000, ark_n_labeled=1600,
-            ark_iters=800, ark_lr=3e-3, ark_eval=200, ark_opd_iters=160, ark_opd_lr=1e-4)
+            ood_voices=2, speed_utts=16, ark_corpus='data/synth_piper_ark', ark_n_train=2000,
+            ark_n_labeled=1600)
+# The smoke run: a tiny corpus, and every row's recipe cut to a few steps on small batches
+# (smoke); base and ark_base, which keep their best val WER's weights, a few more, with evals
 SMALL = dict(FULL, corpus='data/synth_piper_small', ark_corpus='data/synth_piper_ark_small',
              ark_n_train=16, ark_n_labeled=12, n_labeled=3, n_unlabeled=12, n_val=4,
-             n_test=6, ood_voices=1, sft_iters=12, sft_eval=6, sft_batch_size=4, iters=3,
-             batch_size=4, warmup=1, val_max_utts=4, speed_utts=4, ark_iters=12, ark_eval=6,
-             ark_opd_iters=3)
+             n_test=6, ood_voices=1, speed_utts=4,
+             smoke=dict(max_iters=3, batch_size=4, val_max_utts=4),
+             smoke_sft=dict(max_iters=12, eval_interval=6))
+# Each student row runs its recipe in config/, which holds all of the row's training settings;
+# demo.py overrides only this run's paths (recipe_run) and the seed, and in the smoke run the sizes
+RECIPES = {'base': ('train.py', 'config/train_demo_base.py'),
+           'opd': ('distill.py', 'config/distill_demo_opd.py'),
+           'opd_rkl': ('distill.py', 'config/distill_demo_opd_rkl.py'),
+           'td': ('train.py', 'config/train_demo_td.py'),
+           'td_opd': ('distill.py', 'config/distill_demo_opd.py'),  # opd's, from td's weights
+           'ark_base': ('train.py', 'config/train_ark_base.py'),
+           'ark_opd': ('distill.py', 'config/distill_ark_opd.py')}
+TRAIN_DATA = {'base': 'labeled', 'opd': 'unlabeled', 'opd_rkl': 'unlabeled',
+              'td_opd': 'unlabeled', 'ark_base': 'ark_train', 'ark_opd': 'ark_unlabeled'}
 cfg = SMALL if small else FULL
 base_out = 'out/demo' + ('_small' if small else '')
 out = base_out + (f'_seed{seed}' if seed != 1337 else '')
@@ -130,11 +143,27 @@ def encode_all(paths):
             cache(batch['mel'], batch['audio'])
     return cache
 
-def run(script, **kw):
-    cmd = [sys.executable, script] + [f'--{k}={v}' for k, v in kw.items()]
+def recipe_run(row, paths):
+    """What train_row runs for a student row, without running it: (script, recipe, overrides).
+    The overrides are this run's paths and seed; the smoke run's sizes too."""
+    script, recipe = RECIPES[row]
+    rdir = os.path.join(out, row)
+    train = (os.path.join(rdir, 'teacher_labels.jsonl') if row == 'td'  # teacher_labels writes it
+             else paths[TRAIN_DATA[row]])
+    kw = dict(out_dir=rdir, train_manifest=train, val_manifest=paths['val'],
+              encoder_cache_dir=CACHE_DIR, seed=seed)
+    if row in INIT:
+        kw['init_from'] = os.path.join(out, INIT[row], 'ckpt.pt')
+    if small:
+        kw.update(cfg['smoke'], **(cfg['smoke_sft'] if row in ('base', 'ark_base') else {}))
+    return script, recipe, kw
+
+def run(script, recipe, overrides):
+    cmd = [sys.executable, script, recipe] + [f'--{k}={v}' for k, v in overrides.items()]
     print(f"=== {' '.join(cmd)}", flush=True)
     if subprocess.run(cmd).returncode:
-        sys.exit(f"demo.py: error: {script} failed")
+        sys.exit(f"demo.py: error: {script} {recipe} failed")
+    return cmd
 
 def teacher_labels(paths, cache, path):
     """The teacher's greedy transcripts of the unlabeled clips; those that do not end are
@@ -160,43 +189,12 @@ def train_row(row, paths, cache):
         sys.exit(f"demo.py: error: {row} needs {init}: run --rows={INIT[row]} first")
     if os.path.exists(os.path.join(rdir, 'log.jsonl')):
         os.remove(os.path.join(rdir, 'log.jsonl'))
-    common = dict(out_dir=rdir, encoder_cache_dir=CACHE_DIR, val_manifest=paths['val'], seed=seed,
-                  val_max_utts=cfg['val_max_utts'], eval_batch_size=32, log_interval=5)
-    supervised = dict(common, lowercase=False, cpu_bf16=True, weight_decay=0.005, beta2=0.95,
-                      min_lr=1e-5, token_noise=cfg['token_noise'])
-    unlabeled = dict(common, init_from=init, max_iters=cfg['iters'], learning_rate=cfg['lr'],
-                     warmup_iters=cfg['warmup'], batch_size=cfg['batch_size'],
-                     always_save_checkpoint=True)
     t0 = time.time()
-    if row == 'base':  # the labeled few; dropout, and the best val WER's weights (it overfits fast)
-        run('train.py', **supervised, init_from='weights/base', student_layers=2,
-            freeze_embeddings=True, train_manifest=paths['labeled'], max_iters=cfg['sft_iters'],
-            learning_rate=cfg['sft_lr'], warmup_iters=10, dropout=0.1,
-            eval_interval=cfg['sft_eval'], batch_size=cfg['sft_batch_size'])
-    elif row == 'ark_base':  # the audio-LLM, supervised on the ark_n_labeled clips: its fresh
-        # adapter at ark_lr, its LM a tenth of that, the embeddings frozen
-        run('train.py', **supervised, student='audio_llm', init_from='weights/base',
-            student_layers=2, train_manifest=paths['ark_train'], max_iters=cfg['ark_iters'],
-            learning_rate=cfg['ark_lr'], lm_lr_scale=0.1, freeze_embeddings=True,
-            warmup_iters=10, eval_interval=cfg['ark_eval'], batch_size=cfg['batch_size'])
-    elif row == 'ark_opd':  # OPD through text: Ark-Base's audio without its labels, and new audio
-        run('distill.py', **dict(unlabeled, max_iters=cfg['ark_opd_iters'],
-                                 learning_rate=cfg['ark_opd_lr']),
-            teacher_path='weights/base', train_manifest=paths['ark_unlabeled'], eval_interval=0,
-            ngram_stop=cfg['ngram_stop'], loop_unlikelihood=cfg['loop_unlikelihood'])
-    elif row == 'td':  # supervised like base, on the teacher's transcripts; the last weights
-        labels = os.path.join(rdir, 'teacher_labels.jsonl')
-        teacher_labels(paths, cache, labels)
-        run('train.py', **dict(supervised, **unlabeled), train_manifest=labels,
-            eval_interval=10 ** 6)
-    else:  # OPD rows: the audio only
-        # a rollout cut at a repeated 4-gram is trained away from the loop
-        loss = dict(loss='rkl', temperature=1.0) if row == 'opd_rkl' else {}
-        run('distill.py', **unlabeled, **loss, teacher_path='weights/base',
-            train_manifest=paths['unlabeled'], eval_interval=0, ngram_stop=cfg['ngram_stop'],
-            loop_unlikelihood=cfg['loop_unlikelihood'])
+    if row == 'td':  # its training data: the teacher's transcripts of the unlabeled clips
+        teacher_labels(paths, cache, os.path.join(rdir, 'teacher_labels.jsonl'))
+    cmd = run(*recipe_run(row, paths))
     summary = {'wall_s': time.time() - t0, 'ckpt': os.path.join(rdir, 'ckpt.pt'),
-               'vuss_log': vuss_of(rdir)}
+               'vuss_log': vuss_of(rdir), 'cmd': ' '.join(cmd[1:])}
     with open(os.path.join(rdir, 'log.jsonl')) as f:
         log = [json.loads(line) for line in f]
     # the last value of every logged field

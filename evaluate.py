@@ -123,6 +123,8 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
     if beam > 1 and temperature > 0:
         raise ValueError("decode: beam search or sampling, not both")
     audio_llm = isinstance(model, AudioLLM)
+    if beam > 1 and audio_llm:  # beam search is Whisper's only
+        raise ValueError("the audio-LLM decodes greedily or by sampling (no beam search)")
     windowed = whisper_frames(model, tokenizer) is not None and not audio_llm  # in 30-s windows
     n_frames = n_frames or whisper_frames(model, tokenizer)
     beyond, limit = too_long(model, tokenizer, rows, n_frames)

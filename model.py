@@ -2,7 +2,7 @@
 A Whisper encoder-decoder with KV-cached batched decoding. Parameter names are openai-whisper's, so
 real Whisper weights load as they are (checkpoint.py); the student is the same class, smaller.
 The paper's other student shape, an audio-LLM (Whisper encoder -> adapter -> causal LM), is AudioLLM
-at the end: its encoder and blocks are the same modules, its decoding is Whisper.generate's.
+at the end: built from the same encoder and blocks, decoded by the same decode function.
 """
 import math
 from dataclasses import dataclass
@@ -32,13 +32,6 @@ class ModelDimensions:
 # openai-whisper's ten fields, same names, same meaning (export writes exactly these)
 WHISPER_FIELDS = ('n_mels', 'n_audio_ctx', 'n_audio_state', 'n_audio_head', 'n_audio_layer',
                   'n_vocab', 'n_text_ctx', 'n_text_state', 'n_text_head', 'n_text_layer')
-
-class Decoding(NamedTuple):
-    """What generate and beam_search return, one entry per utterance (prompt and EOT left out)."""
-    tokens: list                    # the decoded token ids
-    logprobs: list                  # generate: one per token; beam_search: [sum of the hypothesis]
-    ended: list                     # whether EOT was reached
-    top_ids: Optional[list] = None  # generate(topk=k): (len(tokens[b]) + ended[b], k) top-k ids
 
 def length_mask(lengths, T):
     """(B, T) True at each row's first lengths[b] frames; None when no row is padded."""
@@ -105,9 +98,8 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x, xa=None, causal=False, kv_cache=None, mask=None):
         """mask: the audio frames to attend to (B, S): in the encoder's self-attention, or in the
         decoder's cross-attention."""
-        self_mask = mask if self.cross_attn is None else None
         x = x + self.drop(self.attn(self.attn_ln(x), causal=causal, kv_cache=kv_cache,
-                                    mask=self_mask))
+                                    mask=mask if self.cross_attn is None else None))
         if self.cross_attn is not None:
             x = x + self.drop(self.cross_attn(self.cross_attn_ln(x), xa, kv_cache=kv_cache,
                                               mask=mask))
@@ -142,6 +134,13 @@ class AudioEncoder(nn.Module):
         """(B, T) mel mask -> (B, ceil(T / stride)) mask of the encoder's output frames."""
         return None if mask is None else mask[:, ::self.conv2.stride[0]]
 
+def tied_output(x, embedding, project):
+    """The tied output layer: project True for float32 logits, False for x, or a weight (bf16)."""
+    if project is False:
+        return x
+    w = embedding.weight if project is True else project
+    return (x.to(w.dtype) @ w.T).float()
+
 class TextDecoder(nn.Module):
     def __init__(self, n_vocab, n_ctx, n_state, n_head, n_layer, dropout=0.0):
         super().__init__()
@@ -153,34 +152,94 @@ class TextDecoder(nn.Module):
 
     def forward(self, tokens, xa, kv_cache=None, project=True, xa_mask=None):
         """tokens: (B, L) -> logits (B, L, n_vocab), with a kv_cache the new positions only.
-        project: False for the hidden states, or a copy of the token embedding (e.g. in bf16).
-        xa_mask: (B, S) True at the real audio frames (AudioEncoder.frames_mask), or None."""
+        project: as in tied_output; xa_mask: (B, S) True at the real audio frames
+        (AudioEncoder.frames_mask), or None."""
         attn = self.blocks[0].attn
         offset = kv_cache[attn][0].shape[2] if kv_cache and attn in kv_cache else 0
         pos = self.positional_embedding[offset:offset + tokens.shape[1]]
         x = (self.token_embedding(tokens) + pos).to(xa.dtype)
         for block in self.blocks:
             x = block(x, xa, causal=True, kv_cache=kv_cache, mask=xa_mask)
-        x = self.ln(x)
-        if project is False:
-            return x
-        w = self.token_embedding.weight if project is True else project  # tied output embedding
-        return (x.to(w.dtype) @ w.T).float()
+        return tied_output(self.ln(x), self.token_embedding, project)
 
     def cross_kv(self, xa):
         """Every block's cross-attention keys/values over the audio: a kv_cache to decode from."""
         return {b.cross_attn: b.cross_attn.kv(xa) for b in self.blocks}
 
-class Whisper(nn.Module):
-    def __init__(self, dims: ModelDimensions):
-        super().__init__()
-        self.dims = d = dims
-        self.encoder = AudioEncoder(d.n_mels, d.n_audio_ctx, d.n_audio_state, d.n_audio_head,
-                                    d.n_audio_layer, d.conv_stride, d.dropout)
-        self.decoder = TextDecoder(d.n_vocab, d.n_text_ctx, d.n_text_state, d.n_text_head,
-                                   d.n_text_layer, d.dropout)
-        self.ctc_head = nn.Linear(d.n_audio_state, d.n_vocab + 1) if d.ctc else None
-        self.apply(self._init_weights)
+# -----------------------------------------------------------------------------
+# decoding apart from the models, as openai-whisper's decoding.py (beam search: Whisper's only)
+
+class Decoding(NamedTuple):
+    """What generate and beam_search return, one entry per utterance (prompt and EOT left out)."""
+    tokens: list                    # the decoded token ids
+    logprobs: list                  # generate: one per token; beam_search: [sum of the hypothesis]
+    ended: list                     # whether EOT was reached
+    top_ids: Optional[list] = None  # generate(topk=k): (len(tokens[b]) + ended[b], k) top-k ids
+
+def mask_logits(logits, step, suppress, suppress_blank):
+    """Float logits, suppress at -inf; at step 0 suppress_blank too (Whisper's SuppressBlank)."""
+    masked = list(suppress) + (list(suppress_blank) if step == 0 else [])
+    logits = logits.float()
+    if masked:
+        logits[:, masked] = -math.inf
+    return logits
+
+@torch.no_grad()
+def decode(next_logits, x, eot, n_ctx, max_new_tokens=None, suppress=(), suppress_blank=(),
+           temperature=0.0, top_p=1.0, max_lens=None, generator=None, stop_ngram=0, topk=0,
+           kv_cache=None):
+    """Batched greedy decoding (temperature 0) or sampling -> Decoding. next_logits(x, kv_cache):
+    a decoder's logits (B, V) after the new tokens x: the prompts (B, P), then one token a step.
+    n_ctx: the decoder's positions; max_lens: per-utterance bounds; stop_ngram > 0: stop where an
+    n-gram of that size occurs twice (a loop); topk > 0: also the top-k ids of each step's masked
+    logits; kv_cache: one to start from (TextDecoder.cross_kv, say), copied, not written to."""
+    (B, P), device, kv_cache = x.shape, x.device, dict(kv_cache or {})
+    if P > n_ctx:
+        raise ValueError(f"a prompt of {P} tokens, more than the decoder's n_text_ctx of {n_ctx}")
+    max_new_tokens = n_ctx - P if max_new_tokens is None else min(max_new_tokens, n_ctx - P)
+    bounds = [min(int(m), max_new_tokens) for m in max_lens or [max_new_tokens] * B]
+    seen = [set() for _ in range(B)]  # stop_ngram: the n-grams each sequence has produced
+    tokens = torch.zeros(B, 0, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, 0, device=device)
+    done, ended = torch.zeros(2, B, dtype=torch.bool, device=device)
+    top_ids = []
+    for step in range(max_new_tokens):
+        logits = mask_logits(next_logits(x, kv_cache), step, suppress, suppress_blank)
+        logp = F.log_softmax(logits, dim=-1)
+        if topk:
+            top_ids.append(logits.topk(topk, dim=-1).indices)
+        if temperature == 0:
+            next_token = logits.argmax(dim=-1)
+        else:
+            probs = F.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:  # nucleus: the smallest set of tokens whose mass reaches top_p
+                sorted_p, idx = probs.sort(dim=-1, descending=True)
+                drop = sorted_p.cumsum(-1) - sorted_p > top_p
+                probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        next_token = torch.where(done, torch.full_like(next_token, eot), next_token)
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        logprobs = torch.cat([logprobs, logp.gather(1, next_token[:, None])], dim=1)
+        ended |= ~done & (next_token == eot)
+        done |= next_token == eot
+        if stop_ngram and step + 1 >= stop_ngram:
+            for b in (~done).nonzero().flatten().tolist():
+                gram = tuple(tokens[b, -stop_ngram:].tolist())
+                bounds[b] = step + 1 if gram in seen[b] else bounds[b]
+                seen[b].add(gram)
+        done |= torch.as_tensor(bounds, device=device) <= step + 1
+        if done.all():
+            break
+        x = next_token[:, None]
+    tokens, logprobs, ended = tokens.tolist(), logprobs.tolist(), ended.tolist()
+    n = [min(t.index(eot) if eot in t else len(t), m) for t, m in zip(tokens, bounds)]
+    top = torch.stack(top_ids, dim=1) if topk else None  # (B, steps, topk)
+    top_ids = [top[b, :k + e] for b, (k, e) in enumerate(zip(n, ended))] if topk else None
+    return Decoding([t[:k] for t, k in zip(tokens, n)], [p[:k] for p, k in zip(logprobs, n)],
+                    ended, top_ids)
+
+class SpeechModel(nn.Module):
+    """Whisper's and AudioLLM's common part: dims, an audio encoder and a decoder reading it."""
 
     @staticmethod
     def _init_weights(module):
@@ -200,83 +259,33 @@ class Whisper(nn.Module):
 
     def estimate_flops(self, n_frames, n_tokens):
         """Training FLOPs (forward + backward) of one utterance, PaLM-style: 6 * params * positions
-        for the matmuls plus the attention scores."""
+        for the matmuls plus the attention scores (the audio-LLM's attend to its tokens only)."""
         d = self.dims
         T_a = math.ceil(n_frames / d.conv_stride)
+        T_x = T_a if isinstance(self.decoder, TextDecoder) else 0  # cross-attention's keys
         enc_params = self.get_num_params('encoder')
         dec_params = self.get_num_params('decoder') - self.decoder.positional_embedding.numel()
         enc = T_a * (6 * enc_params + 12 * d.n_audio_layer * d.n_audio_state * T_a)
-        dec = n_tokens * (6 * dec_params + 12 * d.n_text_layer * d.n_text_state * (n_tokens + T_a))
+        dec = n_tokens * (6 * dec_params + 12 * d.n_text_layer * d.n_text_state * (n_tokens + T_x))
         return enc + dec
 
-    def _mask(self, logits, step, suppress, suppress_blank):
-        # Whisper's SuppressBlank: no blank or EOT as the first token
-        masked = list(suppress) + (list(suppress_blank) if step == 0 else [])
-        logits = logits.float()
-        if masked:
-            logits[:, masked] = -math.inf
-        return logits
+class Whisper(SpeechModel):
+    def __init__(self, dims: ModelDimensions):
+        super().__init__()
+        self.dims = d = dims
+        self.encoder = AudioEncoder(d.n_mels, d.n_audio_ctx, d.n_audio_state, d.n_audio_head,
+                                    d.n_audio_layer, d.conv_stride, d.dropout)
+        self.decoder = TextDecoder(d.n_vocab, d.n_text_ctx, d.n_text_state, d.n_text_head,
+                                   d.n_text_layer, d.dropout)
+        self.ctc_head = nn.Linear(d.n_audio_state, d.n_vocab + 1) if d.ctc else None
+        self.apply(self._init_weights)
 
-    @torch.no_grad()
-    def generate(self, xa, prompt, eot, max_new_tokens=None, suppress=(), suppress_blank=(),
-                 temperature=0.0, top_p=1.0, max_lens=None, generator=None, stop_ngram=0, topk=0,
-                 kv_cache=None, project=True, xa_mask=None):
-        """Batched greedy decoding (temperature 0) or sampling -> Decoding. xa: encoder output
-        (B, S, D); prompt: list[int]; max_lens: per-utterance bounds; stop_ngram > 0: stop where
-        an n-gram of that size occurs twice (a loop); topk > 0: also the top-k ids of each step's
-        masked logits; kv_cache: TextDecoder.cross_kv; project, xa_mask: as in TextDecoder."""
-        B, device = xa.shape[0], xa.device
-        rows = prompt if isinstance(prompt[0], (list, tuple)) else [prompt] * B  # AudioLLM: per row
-        P = max(map(len, rows))
-        limit = self.dims.n_text_ctx - P
-        max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
-        max_lens = [max_new_tokens] * B if max_lens is None else max_lens
-        bounds = [min(int(m), max_new_tokens) for m in max_lens]
-        seen = [set() for _ in range(B)]  # stop_ngram: the n-grams each sequence has produced
-        kv_cache = dict(kv_cache or {})
-        # the prompt (rows left-padded to the longest), then one new token a step
-        x = torch.tensor([[eot] * (P - len(p)) + list(p) for p in rows], device=device)
-        tokens = torch.zeros(B, 0, dtype=torch.long, device=device)
-        logprobs = torch.zeros(B, 0, device=device)
-        done, ended = torch.zeros(2, B, dtype=torch.bool, device=device)
-        top_ids = []
-        for step in range(max_new_tokens):
-            logits = self.decoder(x, xa, kv_cache, project, xa_mask)[:, -1]
-            logits = self._mask(logits, step, suppress, suppress_blank)
-            logp = F.log_softmax(logits, dim=-1)
-            if topk:
-                top_ids.append(logits.topk(topk, dim=-1).indices)
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1)
-            else:
-                probs = F.softmax(logits / temperature, dim=-1)
-                if top_p < 1.0:  # nucleus: the smallest set of tokens whose mass reaches top_p
-                    sorted_p, idx = probs.sort(dim=-1, descending=True)
-                    drop = sorted_p.cumsum(-1) - sorted_p > top_p
-                    probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-                next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            next_token = torch.where(done, torch.full_like(next_token, eot), next_token)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            logprobs = torch.cat([logprobs, logp.gather(1, next_token[:, None])], dim=1)
-            ended |= ~done & (next_token == eot)
-            done |= next_token == eot
-            if stop_ngram and step + 1 >= stop_ngram:
-                for b in (~done).nonzero().flatten().tolist():
-                    gram = tuple(tokens[b, -stop_ngram:].tolist())
-                    bounds[b] = step + 1 if gram in seen[b] else bounds[b]
-                    seen[b].add(gram)
-            done |= torch.as_tensor(bounds, device=device) <= step + 1
-            if done.all():
-                break
-            x = next_token[:, None]
-        tokens, logprobs, ended = tokens.tolist(), logprobs.tolist(), ended.tolist()
-        n = [min(t.index(eot) if eot in t else len(t), m) for t, m in zip(tokens, bounds)]
-        out = Decoding([t[:k] for t, k in zip(tokens, n)], [p[:k] for p, k in zip(logprobs, n)],
-                       ended)
-        if not topk:
-            return out
-        top_ids = torch.stack(top_ids, dim=1)  # (B, steps, topk)
-        return out._replace(top_ids=[top_ids[b, :k + e] for b, (k, e) in enumerate(zip(n, ended))])
+    def generate(self, xa, prompt, eot, *, project=True, xa_mask=None, **kw):
+        """decode from one prompt (list[int]) for every clip -> Decoding. xa: encoder output
+        (B, S, D); project, xa_mask: as in TextDecoder; kw: decode's (kv_cache, topk, ...)."""
+        x = torch.tensor([list(prompt)] * len(xa), device=xa.device)
+        step = lambda x, kv_cache: self.decoder(x, xa, kv_cache, project, xa_mask)[:, -1]
+        return decode(step, x, eot, self.dims.n_text_ctx, **kw)
 
     @torch.no_grad()
     def beam_search(self, xa, prompt, eot, beam_size=5, max_new_tokens=None, length_penalty=None,
@@ -289,13 +298,13 @@ class Whisper(nn.Module):
         xa = xa.repeat_interleave(K, dim=0)
         xa_mask = None if xa_mask is None else xa_mask.repeat_interleave(K, dim=0)
         kv_cache = {}
-        logits = self.decoder(torch.tensor([prompt] * (B * K), device=device), xa, kv_cache,
-                              xa_mask=xa_mask)[:, -1]
+        step_logits = lambda x: self.decoder(x, xa, kv_cache, xa_mask=xa_mask)[:, -1]
+        logits = step_logits(torch.tensor([prompt] * (B * K), device=device))
         seqs, finished = [[] for _ in range(B * K)], [[] for _ in range(B)]  # (sum_logprob, tokens)
         scores = torch.zeros(B, K, device=device)
         scores[:, 1:] = -math.inf  # all beams start identical: only the first is alive at step 0
         for step in range(max_new_tokens):
-            logp = F.log_softmax(self._mask(logits, step, suppress, suppress_blank), dim=-1)
+            logp = F.log_softmax(mask_logits(logits, step, suppress, suppress_blank), dim=-1)
             V = logp.shape[-1]
             top = (scores.view(-1, 1) + logp).view(B, -1).topk(2 * K, dim=-1)  # over (K * V)
             live = []  # per utterance K (source beam, token, score), padded with dead beams
@@ -318,8 +327,7 @@ class Whisper(nn.Module):
             index = torch.tensor(source, device=device)
             for m in (block.attn for block in self.decoder.blocks):  # cross-attention K/V stay
                 kv_cache[m] = (kv_cache[m][0][index], kv_cache[m][1][index])
-            x = torch.tensor(next_tokens, device=device)[:, None]
-            logits = self.decoder(x, xa, kv_cache, xa_mask=xa_mask)[:, -1]
+            logits = step_logits(torch.tensor(next_tokens, device=device)[:, None])
         def rank(c):  # c: (sum_logprob, tokens)
             n = max(len(c[1]), 1)
             return c[0] / (n if length_penalty is None else ((5 + n) / 6) ** length_penalty)
@@ -371,8 +379,8 @@ class Adapter(nn.Module):
 
 class AudioLM(nn.Module):
     """The adapter and a decoder-only causal LM: Whisper's decoder blocks without cross-attention,
-    learned positions, tied output embedding. Its forward has TextDecoder's signature (xa: the
-    encoder output), so Whisper.generate, distill.Rescore and train.py drive it unchanged."""
+    learned positions, tied output embedding. Its forward takes TextDecoder's arguments (xa: the
+    encoder output), so distill.Rescore and train.py drive it as they drive TextDecoder."""
 
     def __init__(self, d: AudioLLMDimensions):
         super().__init__()
@@ -399,11 +407,11 @@ class AudioLM(nn.Module):
             x = x.masked_scatter(slots[..., None], audio[take].to(x.dtype))
         return x
 
-    def forward(self, tokens, xa, kv_cache=None, project=True, xa_mask=None):
+    def forward(self, tokens, xa, kv_cache=None, project=True, xa_mask=None, pad_mask=None):
         """tokens (B, L) -> logits (B, L, n_vocab), with a kv_cache the new positions only.
         Right-padded rows (teacher forcing) need no mask: causal attention keeps the padding out of
-        the real positions. kv_cache['valid'] (B, P), from AudioLLM.generate: its prompts are
-        left-padded: the pads are masked and each row's positions count its own tokens."""
+        the real positions. pad_mask (B, P): True at the real tokens of left-padded prompts (P
+        first positions; AudioLLM.generate): pads are masked, positions count the real tokens."""
         B, L = tokens.shape
         attn = self.blocks[0].attn
         offset = kv_cache[attn][0].shape[2] if kv_cache and attn in kv_cache else 0
@@ -412,10 +420,8 @@ class AudioLM(nn.Module):
             raise ValueError(f"audio-LLM: {offset + L} positions, more than its n_text_ctx of "
                              f"{n_ctx} (a clip too long for the student, or too many tokens)")
         pos, mask = torch.arange(offset, offset + L, device=tokens.device).expand(B, L), None
-        valid = (kv_cache or {}).get('valid')
-        if valid is not None:
-            valid = F.pad(valid, (0, offset + L - valid.shape[1]), value=True)
-            kv_cache['valid'] = valid
+        if pad_mask is not None:
+            valid = F.pad(pad_mask, (0, offset + L - pad_mask.shape[1]), value=True)
             pos = (valid.cumsum(1) - 1).clamp(min=0)[:, offset:]
             k = torch.arange(offset + L, device=tokens.device)
             q = k[offset:, None]
@@ -423,36 +429,28 @@ class AudioLM(nn.Module):
         x = (self.embed(tokens, xa, xa_mask) + self.positional_embedding[pos]).to(xa.dtype)
         for block in self.blocks:
             x = block(x, causal=mask is None, kv_cache=kv_cache, mask=mask)
-        x = self.ln(x)
-        if project is False:
-            return x
-        w = self.token_embedding.weight if project is True else project  # tied output embedding
-        return (x.to(w.dtype) @ w.T).float()
+        return tied_output(self.ln(x), self.token_embedding, project)
 
-class AudioLLM(Whisper):
+class AudioLLM(SpeechModel):
     """The paper's student: a Whisper encoder (frozen, the teacher's), the adapter and a causal LM
     (self.decoder), prompted <|user|><|begin_of_audio|> <|audio|> x N <|end_of_audio|> instruction
     <|assistant|> (tokenizer.ChatTokenizer.prompt), N = audio_tokens(the clip's real frames)."""
 
     def __init__(self, dims: AudioLLMDimensions):
-        nn.Module.__init__(self)
+        super().__init__()
         self.dims = d = dims
         self.encoder = AudioEncoder(d.n_mels, d.n_audio_ctx, d.n_audio_state, d.n_audio_head,
-                                    d.n_audio_layer, d.conv_stride)
+                                    d.n_audio_layer, d.conv_stride)  # frozen: no dropout
         self.decoder = AudioLM(d)
-        self.ctc_head = None
+        self.ctc_head = None  # train.py's ctc_weight may add one
         self.apply(self._init_weights)
 
-    def generate(self, xa, prompt, eot, kv_cache=None, **kw):
-        """Whisper.generate, one prompt per clip (list of lists), left-padded; xa_mask: the real
-        encoder frames (the adapter keeps only those)."""
+    def generate(self, xa, prompt, eot, *, project=True, xa_mask=None, **kw):
+        """decode from one prompt per clip (a list of lists), left-padded to the longest, the pads
+        hidden by AudioLM's pad_mask -> Decoding. xa_mask: the real encoder frames (the adapter
+        keeps only those); project: as in AudioLM; kw: decode's."""
         P = max(map(len, prompt))
-        if P > self.dims.n_text_ctx:
-            raise ValueError(f"audio-LLM: a prompt of {P} tokens, more than n_text_ctx "
-                             f"{self.dims.n_text_ctx}")
-        valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompt],
-                             device=xa.device)
-        return super().generate(xa, prompt, eot, kv_cache={'valid': valid}, **kw)
-
-    def beam_search(self, *args, **kw):
-        raise ValueError("the audio-LLM decodes greedily or by sampling (no beam search)")
+        x = torch.tensor([[eot] * (P - len(p)) + list(p) for p in prompt], device=xa.device)
+        pad_mask = (torch.arange(P) >= torch.tensor([[P - len(p)] for p in prompt])).to(xa.device)
+        step = lambda x, kv_cache: self.decoder(x, xa, kv_cache, project, xa_mask, pad_mask)[:, -1]
+        return decode(step, x, eot, self.dims.n_text_ctx, **kw)

@@ -1,4 +1,6 @@
-# ark_opd, as the demo runs it (python demo.py --rows=ark_opd): OPD through text
+# The demo's ark_opd row (python demo.py --rows=ark_opd runs this file with its own paths and
+# seed; on its own, after python demo.py --rows=ark_base: python distill.py
+# config/distill_ark_opd.py, into out/demo/ark_opd like the demo's seed 1337). OPD through text
 # (distill.opd_step_text) from Whisper base into the Ark-Base student, on Ark-Base's 1,600 clips
 # without their labels and 400 new ones: greedy rollouts, decoded, re-tokenized by base's tokenizer
 # under its own prompt, the top-k union forward KL on the mapped ids.

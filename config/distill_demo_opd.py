@@ -1,7 +1,10 @@
-# The demo's opd row on its own (run `python demo.py --rows=base` first). Teacher: Whisper base,
-# frozen. Student: the demo's base row (base's frozen encoder + 2 decoder layers, SFT on the 80
-# labeled Piper clips). The paper's top-k union forward KL on greedy rollouts of the 320 unlabeled
-# clips; every setting as demo.py's, chosen on dev (RESULTS.md, "The natural-voice demo").
+# The demo's opd row (python demo.py --rows=opd runs this file with its own paths and seed; its
+# td_opd row runs it from td's checkpoint instead of base's). Teacher: Whisper base, frozen.
+# Student: the demo's base row (base's frozen encoder + 2 decoder layers, SFT on the 80 labeled
+# Piper clips). The paper's top-k union forward KL on greedy rollouts of the 320 unlabeled clips;
+# every setting chosen on dev (RESULTS.md, "The natural-voice demo"). On its own, after
+# python demo.py --rows=base:
+#   python distill.py config/distill_demo_opd.py
 out_dir = 'out/demo_opd'
 teacher_path = 'weights/base'
 init_from = 'out/demo/base/ckpt.pt'

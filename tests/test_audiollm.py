@@ -139,6 +139,7 @@ def test_prompt_layout_puts_the_adapter_output_at_the_placeholders(toks):
 def test_kv_cache_decoding_equals_recomputation(toks):
     """Batched, left-padded, KV-cached greedy decoding (and its top-k ids) == each clip alone,
     recomputed from scratch at every step; its log-probs == the right-padded teacher forcing."""
+    from model import mask_logits
     teacher = tiny(1, toks[0].n_vocab)
     student, tok = student_of(teacher, toks[0], std=0.5)
     student.eval()
@@ -153,7 +154,7 @@ def test_kv_cache_decoding_equals_recomputation(toks):
         for step in range(10):
             with torch.no_grad():
                 logits = student.decoder(torch.tensor([seq]), xa[b:b + 1], xa_mask=m[b:b + 1])
-            logits = student._mask(logits[:, -1], step, tok.suppress, tok.suppress_blank)
+            logits = mask_logits(logits[:, -1], step, tok.suppress, tok.suppress_blank)
             tops.append(logits.topk(5).indices[0])
             seq.append(logits.argmax().item())
             if seq[-1] == tok.eot:
@@ -170,6 +171,17 @@ def test_kv_cache_decoding_equals_recomputation(toks):
     lp = lp[mask].gather(1, targets[mask][:, None]).squeeze(1)
     expect = torch.tensor(sum((lps[1:] for lps in out.logprobs), []))
     torch.testing.assert_close(lp, expect, atol=1e-4, rtol=1e-4)
+
+def test_audio_llm_is_its_own_model_without_beam_search(toks):
+    """AudioLLM is built from Whisper's parts but is no Whisper: no beam search, and
+    evaluate.decode refuses beam > 1 for it in one line, before reading any audio."""
+    import evaluate
+    student, tok = make_audio_llm(tiny(1, toks[0].n_vocab), toks[0], 2)
+    assert not isinstance(student, Whisper) and not hasattr(student, 'beam_search')
+    assert student.ctc_head is None and student.get_num_params('encoder') > 0
+    assert type(student)(student.dims).state_dict().keys() == student.state_dict().keys()
+    with pytest.raises(ValueError, match=r'^the audio-LLM decodes greedily or by sampling'):
+        evaluate.decode(student, tok, [{'audio': 'missing.wav', 'text': 'x'}], beam=2)
 
 # -----------------------------------------------------------------------------
 # OPD through text

@@ -2,6 +2,7 @@
 union-only re-scoring equals the full-vocabulary formula; OPD lowers the KL to the teacher; the
 script itself: 2-process DDP gives the 1-process update, resume is exact, bad input is one line."""
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 
 import distill
 from checkpoint import load_checkpoint
-from distill import masked_log_softmax, opd_loss, opd_step, pack, rollout, Rescore, union_support
+from distill import (Rescore, Side, Step, divergence, length_bounds, masked_log_softmax, opd_step, pack,
+                     rollout, topk_union_kl, union_support)
 from model import ModelDimensions, Whisper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,16 +28,28 @@ LOSSES = ['topk_union', 'fkl', 'rkl', 'jsd', 'pg']
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
-@pytest.fixture(autouse=True)
-def cfg(monkeypatch):
-    """distill.py's config globals for these tests (exact float32 math); cfg(key=value) sets more."""
-    def set_(**kw):
-        for k, v in kw.items():
-            assert k in distill.config_keys, k
-            monkeypatch.setattr(distill, k, v)
-    set_(topk=8, max_new_tokens=12, tokens_per_second=4.0, length_slack=4, teacher_bf16=False,
-         student_bf16=False)
-    return set_
+HP = Step(topk=8, max_new_tokens=12, cpu_bf16=False)  # one step's settings: exact float32 math
+
+def hp(**kw):
+    return dataclasses.replace(HP, **kw)
+
+def bounds(durations, length_slack=4):
+    return length_bounds(durations, tokens_per_second=4.0, length_slack=length_slack)
+
+def step(student, teacher, xa, durations, hp=HP, full_diag=False, rescore=None, length_slack=4):
+    """distill.opd_step on a batch both models read alike (one tokenizer, one prompt, one xa)."""
+    prompts = [[SOT]] * len(durations)
+    return opd_step(Side(student, TOK, xa, None, prompts), Side(teacher, TOK, xa, None, prompts),
+                    rescore or Rescore(student), bounds(durations, length_slack), hp,
+                    full_diag=full_diag)
+
+def opd_loss(lp_s, lp_t, x, loss='topk_union', k=8, tau=1.0, beta=0.5):
+    """The loss per position on full log-probabilities: the paper's (topk_union_kl on U_t, the
+    student's top-k from its own log-probs), or the other divergences."""
+    if loss == 'topk_union':
+        union, valid, _ = union_support(lp_s.detach().topk(min(k, lp_s.shape[-1]), -1).indices, lp_t, k)
+        return topk_union_kl(lp_s.gather(1, union), lp_t.gather(1, union), valid, tau)
+    return divergence(lp_s, lp_t, x, loss, tau, beta), torch.ones(len(x), dtype=torch.bool)
 
 def tiny(seed, std=None, n_vocab=V, n_audio_ctx=100):
     torch.manual_seed(seed)
@@ -62,7 +76,7 @@ def scored(student, teacher, B=4):
     batch = batch_of(B)
     with torch.no_grad():
         xa_s, xa_t = student.encoder(batch['mel']), teacher.encoder(batch['mel'])
-    seqs, ended, _ = rollout(student, xa_s, [[SOT]] * B, TOK, [8, 3, 12, 5][:B])
+    seqs, ended, _ = rollout(student, TOK, xa_s, [[SOT]] * B, [8, 3, 12, 5][:B], HP)
     tokens, targets = pack([[SOT]] * B, seqs, ended, EOT)
     mask = targets != -100
     with torch.no_grad():
@@ -70,9 +84,9 @@ def scored(student, teacher, B=4):
     lp_s = masked_log_softmax(student.decoder(tokens, xa_s)[mask], TOK.suppress)
     return lp_s, lp_t, targets[mask], seqs, ended
 
-def full_vocabulary(student, teacher, xa, durations, loss='topk_union'):
+def full_vocabulary(student, teacher, xa, durations, hp=HP, length_slack=4):
     """The readable formula: both models' full log-probabilities on the student's rollout, opd_loss."""
-    seqs, ended, _ = rollout(student, xa, [[SOT]] * len(durations), TOK, distill.length_bounds(durations))
+    seqs, ended, _ = rollout(student, TOK, xa, [[SOT]] * len(durations), bounds(durations, length_slack), hp)
     tokens, targets = pack([[SOT]] * len(durations), seqs, ended, EOT)
     mask = targets != -100
     with torch.no_grad():
@@ -111,12 +125,11 @@ def brute(lp_s, lp_t, x, loss, k, tau, beta):
     return out
 
 @pytest.mark.parametrize('loss', LOSSES)
-def test_loss_equals_brute_force(loss, cfg):
+def test_loss_equals_brute_force(loss):
     lp_s, lp_t, x, seqs, ended = scored(tiny(1, 0.3), tiny(2, 0.3))
     assert len(x) > 10 and lp_t[:, TOK.suppress].isinf().all()
     for k, tau, beta in ((8, 1.0, 0.5), (3, 2.0, 0.2)):
-        cfg(tau=tau, beta=beta)
-        per_pos, ok = opd_loss(lp_s, lp_t, x, loss, k)
+        per_pos, ok = opd_loss(lp_s, lp_t, x, loss, k, tau, beta)
         expect = brute(lp_s.detach(), lp_t, x.tolist(), loss, k, tau, beta)
         assert per_pos.tolist() == pytest.approx(expect, rel=1e-4, abs=1e-6)
     if loss == 'pg':  # d loss / d log p_S(x) = log p_S(x) - log p_T(x), the (negative) reward
@@ -137,8 +150,7 @@ def test_union_only_step_equals_full_vocabulary_loss():
     the same loss and the same gradients as opd_loss on the full log-probabilities."""
     teacher, student = tiny(3, 0.3), tiny(4, 0.3).train()
     batch, xa = encoded(teacher)
-    total, n, stats = opd_step(student, teacher, TOK, Rescore(student), xa, xa, [[SOT]] * 4,
-                               batch['duration'], full_diag=True)
+    total, n, stats = step(student, teacher, xa, batch['duration'], full_diag=True)
     total.backward()
     grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
     student.zero_grad()
@@ -160,15 +172,14 @@ def first_repeat(tokens, n):  # brute force: the prefix that ends where some n-g
     return tokens
 
 @pytest.mark.parametrize('loss', ['topk_union', 'fkl'])
-def test_loop_unlikelihood_replaces_the_kl_on_repeated_ngrams(loss, cfg):
+def test_loop_unlikelihood_replaces_the_kl_on_repeated_ngrams(loss):
     """A rollout cut at a repeated n-gram: its last n tokens get w * -log(1 - p_S(token)) instead of
     the KL (p_S renormalised on U_t for topk_union); every other position keeps its KL."""
     teacher, student = tiny(3, 0.3), tiny(4, 0.3).train()
     batch, xa = encoded(teacher)
-    cfg(loss=loss, ngram_stop=2, loop_unlikelihood=0.5, max_new_tokens=30, length_slack=30)
-    total, n, stats = opd_step(student, teacher, TOK, Rescore(student), xa, xa, [[SOT]] * 4,
-                               batch['duration'])
-    lp_s, lp_t, x, seqs, ended = full_vocabulary(student, teacher, xa, batch['duration'])
+    h = hp(loss=loss, ngram_stop=2, loop_unlikelihood=0.5, max_new_tokens=30)
+    total, n, stats = step(student, teacher, xa, batch['duration'], h, length_slack=30)
+    lp_s, lp_t, x, seqs, ended = full_vocabulary(student, teacher, xa, batch['duration'], h, 30)
     lp_s = lp_s.detach()
     kl, ok = opd_loss(lp_s, lp_t, x, loss, k=8)
     union, valid_u, _ = union_support(lp_s.topk(8).indices, lp_t, 8)
@@ -187,19 +198,16 @@ def test_loop_unlikelihood_replaces_the_kl_on_repeated_ngrams(loss, cfg):
     total.backward()  # finite gradients through the log1p
     assert all(p.grad.isfinite().all() for p in student.parameters() if p.grad is not None)
 
-def test_rollout_bounds_and_loop_stop(cfg):
-    cfg(length_slack=8, tokens_per_second=6.0)
-    assert distill.length_bounds([0.0, 2.0]) == [8, 20]
+def test_rollout_bounds_and_loop_stop():
+    assert length_bounds([0.0, 2.0], tokens_per_second=6.0, length_slack=8) == [8, 20]
     teacher, student = tiny(1, 0.3), tiny(2, 0.3)
     batch, xa = encoded(teacher)
-    seqs, ended, top = rollout(teacher, xa, [[SOT]] * 4, TOK, [3, 4, 5, 6], topk=8)
+    seqs, ended, top = rollout(teacher, TOK, xa, [[SOT]] * 4, [3, 4, 5, 6], HP, topk=8)
     assert [len(s) for s in seqs] == [3, 4, 5, 6] and not any(ended)  # never ends: cut by the bound
     assert [t.shape for t in top] == [(n, 8) for n in (3, 4, 5, 6)]
-    cfg(max_new_tokens=30)
-    full, _, _ = rollout(student, xa, [[SOT]] * 4, TOK, [30] * 4)
+    full, _, _ = rollout(student, TOK, xa, [[SOT]] * 4, [30] * 4, hp(max_new_tokens=30))
     for n in (1, 2, 3):  # the loop stop inside generate == cutting the rollout at its first repeat
-        cfg(ngram_stop=n)
-        cut, ended, _ = rollout(student, xa, [[SOT]] * 4, TOK, [30] * 4)
+        cut, ended, _ = rollout(student, TOK, xa, [[SOT]] * 4, [30] * 4, hp(max_new_tokens=30, ngram_stop=n))
         assert cut == [first_repeat(s, n) for s in full] and not any(ended)
     assert any(len(c) < len(s) for c, s in zip(cut, full))
 
@@ -209,15 +217,13 @@ def test_pack_targets_rollout_plus_eot_only_when_ended():
     assert targets.tolist() == [[7, 8, EOT], [-100, 9, -100]]
 
 @pytest.mark.parametrize('loss', LOSSES)
-def test_zero_when_student_is_teacher(loss, cfg):
-    cfg(loss=loss)
+def test_zero_when_student_is_teacher(loss):
     teacher = tiny(3, 0.3)
     student = copy.deepcopy(teacher).train()
     before = copy.deepcopy(student.state_dict())
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.0)
     batch, xa = encoded(teacher)
-    total, n, stats = opd_step(student, teacher, TOK, Rescore(student), xa, xa, [[SOT]] * 4,
-                               batch['duration'], full_diag=True)
+    total, n, stats = step(student, teacher, xa, batch['duration'], hp(loss=loss), full_diag=True)
     assert n > 10 and abs(total.item()) < 1e-6 and stats['kl_st'] < 1e-6
     assert stats['vuss'] == 8 * stats['positions']
     (total / n).backward()
@@ -228,25 +234,14 @@ def test_zero_when_student_is_teacher(loss, cfg):
     opt.step()
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
-def test_teacher_bf16_scoring_is_close_to_float32(cfg):
-    teacher, student = tiny(3, 0.3), tiny(4, 0.3).train()
-    batch, xa = encoded(teacher)
-    loss = {}
-    for bf16 in (False, True):
-        cfg(teacher_bf16=bf16)
-        total, n, _ = opd_step(student, teacher, TOK, Rescore(student), xa, xa, [[SOT]] * 4, batch['duration'])
-        loss[bf16] = total.item() / n.item()
-    assert loss[False] > 0.01 and loss[True] != loss[False] and abs(loss[True] - loss[False]) < 0.05 * loss[False]
-
 @pytest.mark.parametrize('loss', ['topk_union', 'rkl'])
-def test_student_bf16_update_is_close_to_float32(loss, cfg):
+def test_bf16_step_is_close_to_float32(loss):
+    """cpu_bf16: rollout, teacher scoring and the student's re-scoring under bf16 autocast."""
     teacher, student = tiny(3, 0.3), tiny(4, 0.3).train()
     batch, xa = encoded(teacher)
     out = {}
     for bf16 in (False, True):
-        cfg(loss=loss, student_bf16=bf16)
-        total, n, stats = opd_step(student, teacher, TOK, Rescore(student), xa, xa, [[SOT]] * 4,
-                                   batch['duration'])
+        total, n, stats = step(student, teacher, xa, batch['duration'], hp(loss=loss, cpu_bf16=bf16))
         (total / n).backward()
         grad = torch.cat([p.grad.flatten() for p in student.decoder.parameters()])
         student.zero_grad()
@@ -262,9 +257,8 @@ def test_opd_lowers_kl_to_teacher():
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.95))
     batch, xa = encoded(teacher, 8)
     rescore, kls = Rescore(student), []
-    for step in range(60):
-        total, n, stats = opd_step(student, teacher, TOK, rescore, xa, xa, [[SOT]] * 8, batch['duration'],
-                                   full_diag=True)
+    for _ in range(60):
+        total, n, stats = step(student, teacher, xa, batch['duration'], full_diag=True, rescore=rescore)
         (total / n.clamp(min=1)).backward()
         opt.step()
         opt.zero_grad()
@@ -325,7 +319,7 @@ def test_cli_bad_audio_is_one_line(setup):
 
 def test_ddp_two_processes_equal_one(setup):
     base, d = setup
-    base = dict(base, student_bf16=False, max_iters=1)  # float32: bf16 rounding depends on the batch split
+    base = dict(base, cpu_bf16=False, max_iters=1)  # float32: bf16 rounding depends on the batch split
     run(dict(base, out_dir=str(d / 'one')))
     p = run(dict(base, out_dir=str(d / 'two'), batch_size=2), nproc=2)
     assert '2 process(es)' in p.stdout
