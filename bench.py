@@ -130,9 +130,12 @@ def bench_opd(teacher_path='weights/base', manifest='data/synth_grammar/train.js
     """One OPD step (distill.opd_step + update) vs one SFT step (cross-entropy on the labels), same
     student and batch, shared frozen encoder run once, only decoder layers trained (embeddings
     frozen, as in the demo): ms/step, ratio and OPD breakdown, with and without the rollout length
-    bound; on CPU also in float32 (the student's, then all), against a float32 SFT step."""
+    bound; on CPU also in float32 against a float32 SFT step, and the rollout alone with its bf16
+    keys/values and projection copy (the default under cpu_bf16) against float32."""
+    import dataclasses
     import torch
     import torch.nn.functional as F
+    import common
     import data
     import distill
     import evaluate
@@ -153,10 +156,10 @@ def bench_opd(teacher_path='weights/base', manifest='data/synth_grammar/train.js
     batch = data.Batches(rows, tok, batch_size=batch_size, n_frames=n_frames,
                          shuffle=False).collate(list(range(len(rows))))
     prompts = [tok.sot_sequence(r.get('lang')) for r in rows]
-    t0 = distill.now(device)
+    t0 = distill.now(torch.device(device))
     with torch.no_grad():
         xa = teacher.encoder(batch['mel'].to(device))
-    t_enc = distill.now(device) - t0
+    t_enc = distill.now(torch.device(device)) - t0
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     rescore = distill.Rescore(student)
@@ -166,33 +169,36 @@ def bench_opd(teacher_path='weights/base', manifest='data/synth_grammar/train.js
         optimizer.zero_grad(set_to_none=True)
     def sft(bf16=True):
         tokens, targets = batch['tokens'].to(device), batch['targets'].to(device)
-        with distill.amp(device, bf16):
+        with common.autocast(device, 'bfloat16', bf16):
             logits = rescore(tokens, xa)
         mask = targets != -100
         update(F.cross_entropy(logits[mask].float(), targets[mask], reduction='sum'), mask.sum())
         return {}
-    def opd(**kw):
-        saved = {k: getattr(distill, k) for k in kw}
-        for k, v in kw.items():
-            setattr(distill, k, v)
-        total, n, stats = distill.opd_step(student, teacher, tok, rescore, xa, xa, prompts,
-                                           batch['duration'].tolist())
+    hp = distill.Step()  # the step's defaults: topk_union, k = 32, greedy, CPU bf16
+    S = distill.Side(student, tok, xa, None, prompts)
+    T = distill.Side(teacher, tok, xa, None, prompts)
+    bounds = distill.length_bounds(batch['duration'].tolist())
+    def opd(hp=hp, bounds=bounds):
+        total, n, stats = distill.opd_step(S, T, rescore, bounds, hp)
         update(total, n)
-        for k, v in saved.items():
-            setattr(distill, k, v)
         return stats
+    def rollout(bf16_copy):  # the rollout alone: bf16 K/V and projection copy, or float32
+        t0 = distill.now(torch.device(device))
+        distill.rollout(student, tok, xa, prompts, bounds,
+                        dataclasses.replace(hp, cpu_bf16=bf16_copy), hp.topk)
+        return {'t_rollout': distill.now(torch.device(device)) - t0, 't_teacher': 0.0}
     runs = {'sft': sft, 'sft_fp32': lambda: sft(False), 'opd': opd,
-            'opd_unbounded': lambda: opd(length_slack=10 ** 6),
-            'opd_student_fp32': lambda: opd(student_bf16=False),
-            'opd_fp32': lambda: opd(student_bf16=False, teacher_bf16=False)}
+            'opd_unbounded': lambda: opd(bounds=[10 ** 6] * len(rows)),
+            'opd_fp32': lambda: opd(dataclasses.replace(hp, cpu_bf16=False)),
+            'rollout_bf16': lambda: rollout(True), 'rollout_fp32': lambda: rollout(False)}
     res = {}
     for name, fn in runs.items():
         fn()  # warm-up (allocations, AdamW state)
         best = None
         for _ in range(repeat):
-            t0 = distill.now(device)
+            t0 = distill.now(torch.device(device))
             stats = fn()
-            dt = distill.now(device) - t0
+            dt = distill.now(torch.device(device)) - t0
             if best is None or dt < best[0]:
                 best = (dt, stats)
         res[name] = best
@@ -207,13 +213,16 @@ def bench_opd(teacher_path='weights/base', manifest='data/synth_grammar/train.js
     print(f"{'sft':<17} {1000 * t_sft:8.0f} {1.0:6.2f}")
     print(f"{'sft_fp32':<17} {1000 * t_sft32:8.0f} {1.0:6.2f}   "
           "(ratios of the *_fp32 rows are to this one)")
-    for name in ('opd', 'opd_unbounded', 'opd_student_fp32', 'opd_fp32'):
+    for name in ('opd', 'opd_unbounded', 'opd_fp32'):
         dt, s = res[name]
         upd = dt - s['t_rollout'] - s['t_teacher']
         ref = t_sft32 if name.endswith('fp32') else t_sft
         print(f"{name:<17} {1000 * dt:8.0f} {dt / ref:6.2f} {1000 * s['t_rollout']:8.0f} "
               f"{1000 * s['t_teacher']:8.0f} {1000 * upd:8.0f} "
               f"{s['rollout_len'] / s['rollouts']:10.1f} {s['ended'] / s['rollouts']:6.2f}")
+    r16, r32 = res['rollout_bf16'][0], res['rollout_fp32'][0]
+    print(f"rollout alone: bf16 K/V + projection copy {1000 * r16:.0f} ms, float32 "
+          f"{1000 * r32:.0f} ms: the copy is {r32 / r16:.2f}x as fast")
 
 def bench_versus(ckpt, ref, manifest, repeat=2):
     """Two models (ours or Whisper weights) on the same labeled clips, CPU fp32, encoder included:

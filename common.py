@@ -1,10 +1,12 @@
 """
 What train.py and distill.py share, written once: one-line errors, DDP setup and teardown, autocast,
-the learning-rate schedule, the batch loader that remembers its place, the trainable parameters
-and AdamW, and the run's checkpoint and log. Each script's own work stays in the script.
+the learning-rate schedule, the batch loader that remembers its place, the cache of a frozen
+encoder's outputs, the trainable parameters and AdamW, and the run's checkpoint and log. Each
+script's own work stays in the script.
 """
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
@@ -82,6 +84,45 @@ class Loader:
         self.state['step'] += 1
         return self.batches.collate(plan[self.state['step'] - 1])
 
+class EncoderCache:
+    """Outputs of a frozen encoder per audio file, rounded to float16, in memory and optionally on
+    disk. Only valid when every mel has the same length (n_frames fixed, e.g. Whisper's 30-s
+    window): otherwise the padding changes them."""
+    FEATURES = "transcribe-mel-2"  # in the key: files cached from other features are not read
+
+    def __init__(self, encoder, directory="", ctx=nullcontext()):
+        self.encoder, self.directory, self.ctx, self.mem = encoder, directory, ctx, {}
+        w = encoder.conv1.weight  # tells encoders apart in a shared cache directory
+        self.tag = f"{w.sum().item():.6e}{w.shape}{encoder.ln_post.weight.sum().item():.6e}"
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+    def _file(self, path, T):  # size and mtime in the key: a regenerated corpus is not read stale
+        st = os.stat(path)
+        key = (f"{self.FEATURES}|{self.tag}|{T}|{os.path.abspath(path)}|{st.st_size}|"
+               f"{st.st_mtime_ns}")
+        return os.path.join(self.directory, hashlib.sha1(key.encode()).hexdigest() + ".pt")
+
+    @torch.no_grad()
+    def __call__(self, mel, paths):
+        T = mel.shape[-1]
+        missing = [b for b, p in enumerate(paths) if (p, T) not in self.mem]
+        for b in list(missing):
+            file = self._file(paths[b], T) if self.directory else None
+            if file and os.path.exists(file):
+                self.mem[paths[b], T] = torch.load(file, map_location="cpu", weights_only=True)
+                missing.remove(b)
+        if missing:
+            with self.ctx:
+                out = self.encoder(mel[missing]).to(torch.float16).cpu()
+            for b, xa in zip(missing, out):
+                self.mem[paths[b], T] = xa.clone()
+                if self.directory:
+                    file = self._file(paths[b], T)
+                    torch.save(xa.clone(), file + ".tmp")
+                    os.replace(file + ".tmp", file)
+        return torch.stack([self.mem[p, T] for p in paths]).to(mel.device).float()
+
 def fits(row, model, tok, n_new):
     """Whether the model takes this clip: its frames, and its prompt plus n_new tokens."""
     d = model.dims
@@ -121,6 +162,13 @@ def adamw(model, learning_rate, weight_decay, betas, device_type, lm_lr_scale=1.
               for decay in (True, False) for in_lm in (False, True)]
     return torch.optim.AdamW([g for g in groups if g['params']], lr=learning_rate, betas=betas,
                              **({'fused': True} if device_type == 'cuda' else {}))
+
+def update(optimizer, params, grad_clip):
+    """One optimizer step: the gradient norm clipped to grad_clip (0 = off), then cleared."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 def save_checkpoint(path, model, optimizer, tokenizer, **state):
     """Everything init_from='resume' needs to go on bit-exactly, saved atomically."""

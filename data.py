@@ -147,29 +147,6 @@ def utterance_mel(audio, n_mels=80, n_frames=None):
     mel = whisper_mel(audio, n_mels, None)[:, :n_frames]
     return mel, 0.0, mel.shape[1]
 
-def spec_augment(mel, mel_lengths, n_freq_masks=2, freq_width=27, n_time_masks=2, time_width=0.05,
-                 max_time_width=40, generator=None):
-    """SpecAugment (no time warp), in place on a batch (B, n_mels, T): masks hold each utterance's
-    mean and touch only its real frames; a time mask is at most time_width * length frames wide."""
-    B, M, T = mel.shape
-    valid = torch.arange(T, device=mel.device)[None, :] < mel_lengths[:, None]
-    mean = (mel * valid[:, None, :]).sum((1, 2)) / (valid.sum(1) * M).clamp(min=1)
-    mask = torch.zeros(B, M, T, dtype=torch.bool, device=mel.device)
-    rand = lambda *s: torch.rand(*s, generator=generator).to(mel.device)
-    f_idx = torch.arange(M, device=mel.device)[None, :]
-    for _ in range(n_freq_masks):
-        w = (rand(B) * (freq_width + 1)).long().clamp(max=M)
-        f0 = (rand(B) * (M - w + 1)).long()
-        mask |= ((f_idx >= f0[:, None]) & (f_idx < (f0 + w)[:, None]))[:, :, None]
-    t_idx = torch.arange(T, device=mel.device)[None, :]
-    wmax = (mel_lengths.float() * time_width).floor().clamp(max=float(max_time_width))
-    for _ in range(n_time_masks):
-        w = (rand(B) * (wmax + 1)).long()
-        t0 = (rand(B) * (mel_lengths - w + 1).clamp(min=1)).long()
-        mask |= ((t_idx >= t0[:, None]) & (t_idx < (t0 + w)[:, None]))[:, None, :]
-    mask &= valid[:, None, :]  # padding keeps its value
-    return mel.masked_scatter_(mask, mean[:, None, None].expand(B, M, T)[mask])
-
 def token_noise(tokens, targets, frac, generator=None):
     """Swap frac of the transcript tokens the decoder reads (never the prompt) for other transcript
     tokens of the batch: it learns to go on from a wrong prefix, which greedy decoding meets."""
@@ -335,15 +312,12 @@ class SentencePieceTokenizer:
 
 class Batches:
     """Length-bucketed batches, deterministic per (seed, epoch), sharded over DDP ranks (as many
-    batches each, no utterance twice); set_epoch(e) first, as with DistributedSampler. batch_size
-    counts utterances; max_seconds bounds batch_size * the longest duration (the padded audio)."""
+    batches each, no utterance twice); set_epoch(e) first, as with DistributedSampler."""
 
-    def __init__(self, rows, tokenizer, batch_size=None, max_seconds=None, seed=1337, rank=0,
-                 world_size=1, n_mels=80, n_frames=None, language=None, shuffle=True, cache=True,
-                 bucket=50):
-        assert (batch_size is None) != (max_seconds is None), "give batch_size or max_seconds"
+    def __init__(self, rows, tokenizer, batch_size, seed=1337, rank=0, world_size=1, n_mels=80,
+                 n_frames=None, language=None, shuffle=True, cache=True, bucket=50):
         self.rows, self.tokenizer = list(rows), tokenizer
-        self.batch_size, self.max_seconds, self.seed = batch_size, max_seconds, seed
+        self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size, self.n_mels, self.n_frames = rank, world_size, n_mels, n_frames
         self.language, self.shuffle, self.bucket = language, shuffle, bucket
         self.cache = {} if cache else None
@@ -359,17 +333,7 @@ class Batches:
         self.epoch = epoch
 
     def _split(self, idx):
-        if self.batch_size is not None:
-            return [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
-        out, cur, longest = [], [], 0.0
-        for i in idx:
-            d = self.rows[i]['duration']
-            if cur and (len(cur) + 1) * max(longest, d) > self.max_seconds:
-                out.append(cur)
-                cur, longest = [], 0.0
-            cur.append(i)
-            longest = max(longest, d)
-        return out + [cur] if cur else out
+        return [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
 
     def plan(self, epoch=None):
         """The row indices of this rank's batches for an epoch."""
@@ -378,9 +342,7 @@ class Batches:
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch])
             perm = rng.permutation(n).tolist()
-            mean_dur = sum(r['duration'] for r in self.rows) / max(1, n)
-            per_batch = self.batch_size or max(1, self.max_seconds / max(mean_dur, 1e-3))
-            chunk = int(per_batch) * self.bucket
+            chunk = self.batch_size * self.bucket
             by_duration = lambda i: self.rows[i]['duration']
             batches = []
             for s in range(0, n, chunk):  # sorted by duration within chunks: similar, yet random

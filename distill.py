@@ -415,7 +415,7 @@ def encoder_caches(teacher, student, n_frames, directory, ctx):
     frozen encoder's outputs are kept per clip where every mel has the same length (else None)."""
     sd_s, sd_t = student.encoder.state_dict(), teacher.encoder.state_dict()
     shared = sd_s.keys() == sd_t.keys() and all(torch.equal(sd_s[k], sd_t[k]) for k in sd_s)
-    cache = lambda m: evaluate.EncoderCache(m.encoder, directory, ctx) if n_frames else None
+    cache = lambda m: common.EncoderCache(m.encoder, directory, ctx) if n_frames else None
     cache_t = cache(teacher)
     return shared, cache_t, cache_t if shared else cache(student)
 
@@ -565,10 +565,7 @@ def main():
         if not math.isfinite(value.item()):
             common.fail(f"iter {iter_num}: non-finite loss ({value.item()}); stopping without a "
                         f"checkpoint (lower learning_rate, check the data, or dtype='float32')")
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        common.update(optimizer, params, grad_clip)
         iter_num += 1
         stats.update(loss=value.item(), t_step=now(torch.device(dev)) - t0)
         for k in STATS:

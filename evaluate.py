@@ -1,7 +1,6 @@
 """
 Transcribe a manifest with a checkpoint and score it: corpus-level WER (English) or CER (Mandarin).
-Also batched decoding (decode, transcribe) and the cache of a frozen encoder's outputs
-(EncoderCache). Whisper weights get the features of Whisper's transcribe(), and a clip over 30 s
+Also batched decoding (decode, transcribe). Whisper weights get the features of Whisper's transcribe(), and a clip over 30 s
 is transcribed in 30-s windows with timestamps as transcribe() does (longform.py); our models
 refuse a clip longer than their encoder takes.
 
@@ -9,12 +8,10 @@ refuse a clip longer than their encoder takes.
     python evaluate.py --ckpt=weights/whisper-tiny.en --manifest=data/ls_test_clean.jsonl --beam=5
     python evaluate.py --ckpt=weights/base --manifest=unlabeled.jsonl --out_manifest=pseudo.jsonl
 """
-import hashlib
 import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import soundfile as sf
@@ -26,48 +23,6 @@ from longform import transcribe_long
 from tokenizer import WhisperTokenizer
 from score import score
 from model import AudioLLM, length_mask
-
-# -----------------------------------------------------------------------------
-# a cache of a frozen encoder's outputs
-
-class EncoderCache:
-    """Outputs of a frozen encoder per audio file, rounded to float16, in memory and optionally on
-    disk. Only valid when every mel has the same length (n_frames fixed, e.g. Whisper's 30-s
-    window): otherwise the padding changes them."""
-    FEATURES = "transcribe-mel-2"  # in the key: files cached from other features are not read
-
-    def __init__(self, encoder, directory="", ctx=nullcontext()):
-        self.encoder, self.directory, self.ctx, self.mem = encoder, directory, ctx, {}
-        w = encoder.conv1.weight  # tells encoders apart in a shared cache directory
-        self.tag = f"{w.sum().item():.6e}{w.shape}{encoder.ln_post.weight.sum().item():.6e}"
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-
-    def _file(self, path, T):  # size and mtime in the key: a regenerated corpus is not read stale
-        st = os.stat(path)
-        key = (f"{self.FEATURES}|{self.tag}|{T}|{os.path.abspath(path)}|{st.st_size}|"
-               f"{st.st_mtime_ns}")
-        return os.path.join(self.directory, hashlib.sha1(key.encode()).hexdigest() + ".pt")
-
-    @torch.no_grad()
-    def __call__(self, mel, paths):
-        T = mel.shape[-1]
-        missing = [b for b, p in enumerate(paths) if (p, T) not in self.mem]
-        for b in list(missing):
-            file = self._file(paths[b], T) if self.directory else None
-            if file and os.path.exists(file):
-                self.mem[paths[b], T] = torch.load(file, map_location="cpu", weights_only=True)
-                missing.remove(b)
-        if missing:
-            with self.ctx:
-                out = self.encoder(mel[missing]).to(torch.float16).cpu()
-            for b, xa in zip(missing, out):
-                self.mem[paths[b], T] = xa.clone()
-                if self.directory:
-                    file = self._file(paths[b], T)
-                    torch.save(xa.clone(), file + ".tmp")
-                    os.replace(file + ".tmp", file)
-        return torch.stack([self.mem[p, T] for p in paths]).to(mel.device).float()
 
 # -----------------------------------------------------------------------------
 # decoding

@@ -1,8 +1,8 @@
 """
 A Whisper encoder-decoder with KV-cached batched decoding. Parameter names are openai-whisper's, so
 real Whisper weights load as they are (checkpoint.py); the student is the same class, smaller.
-The paper's other student shape, an audio-LLM (Whisper encoder -> adapter -> causal LM), is AudioLLM
-at the end: built from the same encoder and blocks, decoded by the same decode function.
+The paper's other student shape, an audio-LLM (Whisper encoder -> adapter -> causal LM), is
+AudioLLM, built from the same encoder and blocks. Both decode through decode(), at the end.
 """
 import math
 from dataclasses import dataclass
@@ -166,78 +166,6 @@ class TextDecoder(nn.Module):
         """Every block's cross-attention keys/values over the audio: a kv_cache to decode from."""
         return {b.cross_attn: b.cross_attn.kv(xa) for b in self.blocks}
 
-# -----------------------------------------------------------------------------
-# decoding apart from the models, as openai-whisper's decoding.py (beam search: Whisper's only)
-
-class Decoding(NamedTuple):
-    """What generate and beam_search return, one entry per utterance (prompt and EOT left out)."""
-    tokens: list                    # the decoded token ids
-    logprobs: list                  # generate: one per token; beam_search: [sum of the hypothesis]
-    ended: list                     # whether EOT was reached
-    top_ids: Optional[list] = None  # generate(topk=k): (len(tokens[b]) + ended[b], k) top-k ids
-
-def mask_logits(logits, step, suppress, suppress_blank):
-    """Float logits, suppress at -inf; at step 0 suppress_blank too (Whisper's SuppressBlank)."""
-    masked = list(suppress) + (list(suppress_blank) if step == 0 else [])
-    logits = logits.float()
-    if masked:
-        logits[:, masked] = -math.inf
-    return logits
-
-@torch.no_grad()
-def decode(next_logits, x, eot, n_ctx, max_new_tokens=None, suppress=(), suppress_blank=(),
-           temperature=0.0, top_p=1.0, max_lens=None, generator=None, stop_ngram=0, topk=0,
-           kv_cache=None):
-    """Batched greedy decoding (temperature 0) or sampling -> Decoding. next_logits(x, kv_cache):
-    a decoder's logits (B, V) after the new tokens x: the prompts (B, P), then one token a step.
-    n_ctx: the decoder's positions; max_lens: per-utterance bounds; stop_ngram > 0: stop where an
-    n-gram of that size occurs twice (a loop); topk > 0: also the top-k ids of each step's masked
-    logits; kv_cache: one to start from (TextDecoder.cross_kv, say), copied, not written to."""
-    (B, P), device, kv_cache = x.shape, x.device, dict(kv_cache or {})
-    if P > n_ctx:
-        raise ValueError(f"a prompt of {P} tokens, more than the decoder's n_text_ctx of {n_ctx}")
-    max_new_tokens = n_ctx - P if max_new_tokens is None else min(max_new_tokens, n_ctx - P)
-    bounds = [min(int(m), max_new_tokens) for m in max_lens or [max_new_tokens] * B]
-    seen = [set() for _ in range(B)]  # stop_ngram: the n-grams each sequence has produced
-    tokens = torch.zeros(B, 0, dtype=torch.long, device=device)
-    logprobs = torch.zeros(B, 0, device=device)
-    done, ended = torch.zeros(2, B, dtype=torch.bool, device=device)
-    top_ids = []
-    for step in range(max_new_tokens):
-        logits = mask_logits(next_logits(x, kv_cache), step, suppress, suppress_blank)
-        logp = F.log_softmax(logits, dim=-1)
-        if topk:
-            top_ids.append(logits.topk(topk, dim=-1).indices)
-        if temperature == 0:
-            next_token = logits.argmax(dim=-1)
-        else:
-            probs = F.softmax(logits / temperature, dim=-1)
-            if top_p < 1.0:  # nucleus: the smallest set of tokens whose mass reaches top_p
-                sorted_p, idx = probs.sort(dim=-1, descending=True)
-                drop = sorted_p.cumsum(-1) - sorted_p > top_p
-                probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        next_token = torch.where(done, torch.full_like(next_token, eot), next_token)
-        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-        logprobs = torch.cat([logprobs, logp.gather(1, next_token[:, None])], dim=1)
-        ended |= ~done & (next_token == eot)
-        done |= next_token == eot
-        if stop_ngram and step + 1 >= stop_ngram:
-            for b in (~done).nonzero().flatten().tolist():
-                gram = tuple(tokens[b, -stop_ngram:].tolist())
-                bounds[b] = step + 1 if gram in seen[b] else bounds[b]
-                seen[b].add(gram)
-        done |= torch.as_tensor(bounds, device=device) <= step + 1
-        if done.all():
-            break
-        x = next_token[:, None]
-    tokens, logprobs, ended = tokens.tolist(), logprobs.tolist(), ended.tolist()
-    n = [min(t.index(eot) if eot in t else len(t), m) for t, m in zip(tokens, bounds)]
-    top = torch.stack(top_ids, dim=1) if topk else None  # (B, steps, topk)
-    top_ids = [top[b, :k + e] for b, (k, e) in enumerate(zip(n, ended))] if topk else None
-    return Decoding([t[:k] for t, k in zip(tokens, n)], [p[:k] for p, k in zip(logprobs, n)],
-                    ended, top_ids)
-
 class SpeechModel(nn.Module):
     """Whisper's and AudioLLM's common part: dims, an audio encoder and a decoder reading it."""
 
@@ -259,7 +187,7 @@ class SpeechModel(nn.Module):
 
     def estimate_flops(self, n_frames, n_tokens):
         """Training FLOPs (forward + backward) of one utterance, PaLM-style: 6 * params * positions
-        for the matmuls plus the attention scores (the audio-LLM's attend to its tokens only)."""
+        for the matmuls plus the attention scores (the audio-LLM's LM: over its own tokens)."""
         d = self.dims
         T_a = math.ceil(n_frames / d.conv_stride)
         T_x = T_a if isinstance(self.decoder, TextDecoder) else 0  # cross-attention's keys
@@ -454,3 +382,75 @@ class AudioLLM(SpeechModel):
         pad_mask = (torch.arange(P) >= torch.tensor([[P - len(p)] for p in prompt])).to(xa.device)
         step = lambda x, kv_cache: self.decoder(x, xa, kv_cache, project, xa_mask, pad_mask)[:, -1]
         return decode(step, x, eot, self.dims.n_text_ctx, **kw)
+
+# -----------------------------------------------------------------------------
+# decoding, apart from the models as in openai-whisper (decoding.py): both models' generate
+
+class Decoding(NamedTuple):
+    """What generate and beam_search return, one entry per utterance (prompt and EOT left out)."""
+    tokens: list                    # the decoded token ids
+    logprobs: list                  # generate: one per token; beam_search: [sum of the hypothesis]
+    ended: list                     # whether EOT was reached
+    top_ids: Optional[list] = None  # generate(topk=k): (len(tokens[b]) + ended[b], k) top-k ids
+
+def mask_logits(logits, step, suppress, suppress_blank):
+    """Float logits, suppress at -inf; at step 0 suppress_blank too (Whisper's SuppressBlank)."""
+    masked = list(suppress) + (list(suppress_blank) if step == 0 else [])
+    logits = logits.float()
+    if masked:
+        logits[:, masked] = -math.inf
+    return logits
+
+@torch.no_grad()
+def decode(next_logits, x, eot, n_ctx, max_new_tokens=None, suppress=(), suppress_blank=(),
+           temperature=0.0, top_p=1.0, max_lens=None, generator=None, stop_ngram=0, topk=0,
+           kv_cache=None):
+    """Batched greedy decoding (temperature 0) or sampling -> Decoding. next_logits(x, kv_cache):
+    a decoder's logits (B, V) after the new tokens x: the prompts (B, P), then one token a step.
+    n_ctx: the decoder's positions; max_lens: per-utterance bounds; stop_ngram > 0: stop where an
+    n-gram of that size occurs twice (a loop); topk > 0: also the top-k ids of each step's masked
+    logits; kv_cache: one to start from (TextDecoder.cross_kv, say), copied, not written to."""
+    (B, P), device, kv_cache = x.shape, x.device, dict(kv_cache or {})
+    if P > n_ctx:
+        raise ValueError(f"a prompt of {P} tokens, more than the decoder's n_text_ctx of {n_ctx}")
+    max_new_tokens = n_ctx - P if max_new_tokens is None else min(max_new_tokens, n_ctx - P)
+    bounds = [min(int(m), max_new_tokens) for m in max_lens or [max_new_tokens] * B]
+    seen = [set() for _ in range(B)]  # stop_ngram: the n-grams each sequence has produced
+    tokens = torch.zeros(B, 0, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, 0, device=device)
+    done, ended = torch.zeros(2, B, dtype=torch.bool, device=device)
+    top_ids = []
+    for step in range(max_new_tokens):
+        logits = mask_logits(next_logits(x, kv_cache), step, suppress, suppress_blank)
+        logp = F.log_softmax(logits, dim=-1)
+        if topk:
+            top_ids.append(logits.topk(topk, dim=-1).indices)
+        if temperature == 0:
+            next_token = logits.argmax(dim=-1)
+        else:
+            probs = F.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:  # nucleus: the smallest set of tokens whose mass reaches top_p
+                sorted_p, idx = probs.sort(dim=-1, descending=True)
+                drop = sorted_p.cumsum(-1) - sorted_p > top_p
+                probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        next_token = torch.where(done, torch.full_like(next_token, eot), next_token)
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        logprobs = torch.cat([logprobs, logp.gather(1, next_token[:, None])], dim=1)
+        ended |= ~done & (next_token == eot)
+        done |= next_token == eot
+        if stop_ngram and step + 1 >= stop_ngram:
+            for b in (~done).nonzero().flatten().tolist():
+                gram = tuple(tokens[b, -stop_ngram:].tolist())
+                bounds[b] = step + 1 if gram in seen[b] else bounds[b]
+                seen[b].add(gram)
+        done |= torch.as_tensor(bounds, device=device) <= step + 1
+        if done.all():
+            break
+        x = next_token[:, None]
+    tokens, logprobs, ended = tokens.tolist(), logprobs.tolist(), ended.tolist()
+    n = [min(t.index(eot) if eot in t else len(t), m) for t, m in zip(tokens, bounds)]
+    top = torch.stack(top_ids, dim=1) if topk else None  # (B, steps, topk)
+    top_ids = [top[b, :k + e] for b, (k, e) in enumerate(zip(n, ended))] if topk else None
+    return Decoding([t[:k] for t, k in zip(tokens, n)], [p[:k] for p, k in zip(logprobs, n)],
+                    ended, top_ids)

@@ -14,11 +14,8 @@ Loss: next-token cross-entropy, plus ctc_weight times a CTC loss of model.ctc_he
 Checkpoints (out_dir/ckpt.pt) hold what init_from='resume' needs to continue bit-exactly.
 """
 import dataclasses
-import gc
-import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -28,9 +25,10 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import common
 import data
 import evaluate
-from checkpoint import atomic_save, load_checkpoint, trim_log
+from checkpoint import load_checkpoint
 from student import make_audio_llm, make_student
 from tokenizer import tokenizer_from_dict
 from model import AudioLLM, ModelDimensions, Whisper, length_mask
@@ -41,7 +39,6 @@ from model import AudioLLM, ModelDimensions, Whisper, length_mask
 out_dir = 'out'
 eval_interval = 250
 log_interval = 10
-eval_only = False  # evaluate the initial model on val (and test_manifest) and exit
 always_save_checkpoint = False  # False: save when val WER improves (or at the end if never)
 init_from = 'scratch'  # 'scratch', 'resume', or a path: Whisper weights or our checkpoint
 student_layers = 0  # > 0: train make_student(<init_from model>): its encoder frozen
@@ -55,12 +52,8 @@ val_manifest = 'data/synth_grammar/val.jsonl'
 test_manifest = ''  # evaluated at the end of training if set
 vocab_size = 256
 lowercase = True  # lower-case the texts before tokenizing
-batch_size = 32  # utterances per micro-batch (per process) ...
-batch_seconds = 0.0  # ... or, if > 0, at most this many seconds of padded audio per micro-batch
+batch_size = 32  # utterances per micro-batch (per process)
 gradient_accumulation_steps = 1  # global: divided by the number of DDP processes
-curriculum_iters = 0  # for the first curriculum_iters iterations ...
-curriculum_seconds = 0.0  # ... train only on utterances at most this long
-spec_augment = False
 token_noise = 0.0  # that fraction of the transcript tokens the decoder reads swapped at random
 # model (from scratch)
 n_mels = 80
@@ -79,8 +72,7 @@ ctc_weight = 0.0  # > 0 adds a CTC head on the encoder (blank = n_vocab)
 learning_rate = 1e-3
 max_iters = 2000
 weight_decay = 0.1  # on 2-D parameters only
-beta1 = 0.9
-beta2 = 0.98
+beta2 = 0.98  # beta1 0.9
 grad_clip = 1.0  # 0 = off
 decay_lr = True
 warmup_iters = 100
@@ -102,51 +94,26 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
-def fail(msg):
-    print(f"train.py: error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-def one_line(kind, e, tb):  # bad input (a file, a value) met below: one line, not a traceback
-    if issubclass(kind, (OSError, ValueError)):
-        fail(str(e))
-    sys.__excepthook__(kind, e, tb)
-sys.excepthook = one_line
-
+fail = common.fail
+common.one_line_errors()  # bad input (a file, a value) met below: one line, not a traceback
 for k in ('batch_size', 'gradient_accumulation_steps', 'eval_batch_size', 'eval_interval',
           'log_interval', 'val_max_utts'):
     if globals()[k] <= 0:
         fail(f"{k}={globals()[k]}: must be positive")
 if max_iters < 0 or learning_rate <= 0:
     fail(f"max_iters={max_iters}, learning_rate={learning_rate}: need max_iters >= 0, lr > 0")
-ddp = int(os.environ.get('RANK', -1)) != -1
-device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-if device.startswith('cuda') and not torch.cuda.is_available():
-    fail(f"device={device!r} but CUDA is not available to torch {torch.__version__}")
-if ddp:
-    rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-    world_size = int(os.environ['WORLD_SIZE'])
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    if gradient_accumulation_steps % world_size:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps}: not a multiple of "
-             f"{world_size} processes")
-    gradient_accumulation_steps //= world_size
-else:
-    rank, local_rank, world_size = 0, 0, 1
+ddp, rank, local_rank, world_size, device = common.init_ddp(device)
+if gradient_accumulation_steps % world_size:
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps}: not a multiple of "
+         f"{world_size} processes")
+gradient_accumulation_steps //= world_size
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 torch.manual_seed(seed)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-if device_type == 'cuda' and dtype != 'float32':
-    ctx = torch.autocast('cuda', dtype=getattr(torch, dtype))
-elif device_type == 'cpu' and cpu_bf16:
-    ctx = torch.autocast('cpu', torch.bfloat16)
-else:
-    ctx = nullcontext()
+ctx = common.autocast(device_type, dtype, cpu_bf16)
 eval_ctx = ctx if device_type == 'cuda' else nullcontext()
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if master:
@@ -185,13 +152,7 @@ else:
         model, tokenizer = make_audio_llm(model, tokenizer, student_layers or 2)
     elif student_layers > 0:
         model = make_student(model, student_layers)
-    if model.dims.dropout != dropout:  # a module attribute, fixed at construction
-        weights = model.state_dict()
-        grads = {n: p.requires_grad for n, p in model.named_parameters()}
-        model = type(model)(dataclasses.replace(model.dims, dropout=dropout))
-        model.load_state_dict(weights)
-        for n, p in model.named_parameters():
-            p.requires_grad_(grads[n])
+    model = common.with_dropout(model, dropout)
     if ctc_weight > 0 and model.ctc_head is None:  # a fresh CTC head on the pretrained encoder
         model.dims = dataclasses.replace(model.dims, ctc=True)
         model.ctc_head = nn.Linear(model.dims.n_audio_state, model.dims.n_vocab + 1)
@@ -199,9 +160,7 @@ else:
     if freeze_embeddings:
         model.decoder.token_embedding.requires_grad_(False)
         model.decoder.positional_embedding.requires_grad_(False)
-    frozen = sorted(set(frozen) | {n for n, p in model.named_parameters() if not p.requires_grad})
-for n, p in model.named_parameters():
-    p.requires_grad_(n not in frozen)
+frozen = common.freeze(model, frozen)
 dims = model.dims
 audio_llm = isinstance(model, AudioLLM)
 if ctc_weight > 0 and model.ctc_head is None:
@@ -213,22 +172,11 @@ enc_frozen = not any(p.requires_grad for p in model.encoder.parameters())
 encode = None
 if enc_frozen and n_frames:
     enc_ctx = ctx if device_type == 'cuda' or cpu_bf16 else nullcontext()
-    encode = evaluate.EncoderCache(model.encoder, encoder_cache_dir, enc_ctx)
+    encode = common.EncoderCache(model.encoder, encoder_cache_dir, enc_ctx)
 
-def fits(row):  # drop what the model cannot take: too many tokens or frames
-    text = tokenizer.encode_text(row.get('text') or '')
-    prompt = tokenizer.prompt(row['duration'] * 100) if audio_llm else \
-        tokenizer.sot_sequence(row.get('lang'))
-    n_tok = len(prompt) + len(text) + 1
-    return n_tok <= dims.n_text_ctx and row['duration'] * 100 <= dims.n_audio_ctx * dims.conv_stride
-
-def make_batches(rows, shuffle=True, bs=None):
-    by_seconds = batch_seconds > 0 and bs is None
-    size = dict(max_seconds=batch_seconds) if by_seconds else dict(batch_size=bs or batch_size)
-    return data.Batches(rows, tokenizer, seed=seed, rank=rank if shuffle else 0,
-                        world_size=world_size if shuffle else 1, n_mels=dims.n_mels,
-                        n_frames=n_frames, shuffle=shuffle, **size)
-
+# drop what the model cannot take: too many tokens (prompt, text, EOT) or frames
+fits = lambda r: common.fits(r, model, tokenizer,
+                             len(tokenizer.encode_text(r.get('text') or '')) + 1)
 n_rows, n_val = len(train_rows), len(val_rows)
 train_rows, val_rows = [r for r in train_rows if fits(r)], [r for r in val_rows if fits(r)]
 if master and len(train_rows) + len(val_rows) < n_rows + n_val:
@@ -240,35 +188,20 @@ beyond, limit = evaluate.too_long(model, tokenizer, test_rows, n_frames)
 if beyond:  # the test set is scored whole: found now, not after training
     fail(f"{beyond[0][0]['audio']}: longer than the model takes ({limit / 100:.2f} s), and "
          f"{len(beyond) - 1} more clips of {test_manifest}; evaluate.py --truncate=True cuts them")
-phases = [make_batches(train_rows)]
-if curriculum_iters > 0:  # phase 0: the short utterances only; phase 1: all of them
-    short = [r for r in train_rows if r['duration'] <= curriculum_seconds]
-    phases.insert(0, make_batches(short or train_rows))
-val_batches = make_batches(val_rows, shuffle=False, bs=eval_batch_size)
+batches = data.Batches(train_rows, tokenizer, batch_size, seed=seed, rank=rank,
+                       world_size=world_size, n_mels=dims.n_mels, n_frames=n_frames)
+val_batches = data.Batches(val_rows, tokenizer, eval_batch_size, n_mels=dims.n_mels,
+                           n_frames=n_frames, shuffle=False)
 max_new_tokens = min(dims.n_text_ctx - len(tokenizer.sot_sequence()), dims.n_text_ctx // 2)
 
-# optimizer: weight decay on matrices and embeddings only
-named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-params = [p for _, p in named]
-# the audio-LLM's fresh adapter at learning_rate, its LM (which already reads text and listens)
+# optimizer: weight decay on matrices only; the audio-LLM's fresh adapter at learning_rate, its LM
 # at lm_lr_scale of it: one rate for both either starves the adapter or wrecks the LM (RESULTS.md)
-lm = lambda n: audio_llm and n.startswith('decoder.') and not n.startswith('decoder.adapter.')
-groups = [{'params': [p for n, p in named if (p.dim() >= 2) == decay and lm(n) == in_lm],
-           'weight_decay': weight_decay if decay else 0.0, 'lr_scale': lm_lr_scale if in_lm else 1}
-          for decay in (True, False) for in_lm in (False, True)]
-groups = [g for g in groups if g['params']]
-optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2),
-                              **({'fused': True} if device_type == 'cuda' else {}))
-iter_num, best_val_wer = 0, float('inf')
-loader = {'phase': 0, 'epoch': 0, 'step': 0}  # the next batch to read
-aug_gen = torch.Generator().manual_seed(seed + rank)
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = common.adamw(model, learning_rate, weight_decay, (0.9, beta2), device_type, lm_lr_scale)
+iter_num, best_val_wer, position = 0, float('inf'), None
+aug_gen = torch.Generator().manual_seed(seed + rank)  # token noise
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    iter_num, best_val_wer = checkpoint['iter_num'], checkpoint['best_val_wer']
-    loader = checkpoint['loader']
-    if master:  # the records past the checkpoint are done again
-        trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
-    torch.set_rng_state(checkpoint['rng']['torch'])
+    iter_num, best_val_wer, position = common.resume(checkpoint, optimizer, out_dir, master)
     aug_gen.set_state(checkpoint['rng']['aug'])
     if device_type == 'cuda' and checkpoint['rng'].get('cuda') is not None:
         torch.cuda.set_rng_state(checkpoint['rng']['cuda'])
@@ -314,29 +247,7 @@ if compile:
 if ddp:
     train_module = DDP(train_module, device_ids=[local_rank] if device_type == 'cuda' else None)
 
-def get_lr(it):
-    if not decay_lr:
-        return learning_rate
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    decay_iters = lr_decay_iters or max_iters
-    if it >= decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-def get_batch():
-    """The next batch, following the loader position (a resumed run reads the same batches)."""
-    if loader['phase'] == 0 and len(phases) == 2 and iter_num >= curriculum_iters:
-        loader.update(phase=1, epoch=0, step=0)
-    batches = phases[loader['phase']]
-    plan = batches.plan(loader['epoch'])
-    if loader['step'] >= len(plan):
-        loader.update(epoch=loader['epoch'] + 1, step=0)
-        plan = batches.plan(loader['epoch'])
-    batch = batches.collate(plan[loader['step']])
-    loader['step'] += 1
-    return batch
+loader = common.Loader(batches, position)  # a resumed run reads the same batches
 
 def to_device(batch):
     mel, lens, tokens, targets = (batch[k].to(device) for k in ('mel', 'mel_lengths', 'tokens',
@@ -365,20 +276,6 @@ def run_eval(rows, batches=None):
     model.train()
     return out
 
-def log_json(record):
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
-def save_checkpoint():
-    ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'model_args': dataclasses.asdict(dims), 'iter_num': iter_num,
-            'best_val_wer': best_val_wer, 'config': config, 'tokenizer': tokenizer.to_dict(),
-            'frozen': frozen, 'loader': dict(loader),
-            'rng': {'torch': torch.get_rng_state(), 'aug': aug_gen.get_state(),
-                    'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
-    atomic_save(ckpt, ckpt_path)
-    print(f"saved checkpoint to {ckpt_path}")
-
 if master:
     print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters "
           f"({raw_model.get_num_params('encoder') / 1e6:.2f}M encoder, "
@@ -386,23 +283,14 @@ if master:
           f"{dims.n_audio_layer}+{dims.n_text_layer} layers, width {dims.n_text_state}, "
           f"vocab {dims.n_vocab}; {len(train_rows)} training utterances "
           f"({sum(r['duration'] for r in train_rows) / 3600:.2f} h), {world_size} process(es)")
-if eval_only:
-    if master:
-        res = run_eval(val_rows, val_batches)
-        print(f"val: loss {res['loss']:.4f}, WER {100 * res['wer']:.2f}%")
-        if test_rows:
-            evaluate.print_table(run_eval(test_rows)['report'])
-    if ddp:
-        dist.destroy_process_group()
-    sys.exit(0)
-
 # -----------------------------------------------------------------------------
 # training loop
 t_start = t0 = time.time()
 start_iter, saved, time_up = iter_num, False, False
 model.train()
 while True:
-    lr = get_lr(iter_num)
+    lr = common.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters or max_iters,
+                       min_lr) if decay_lr else learning_rate
     for group in optimizer.param_groups:
         group['lr'] = lr * group['lr_scale']
     done = iter_num >= max_iters or time_up
@@ -416,12 +304,16 @@ while True:
         print(f"iter {iter_num}: val loss {res['loss']:.4f} (ce {res['ce']:.4f}, "
               f"ctc {res['ctc']:.4f}), "
               f"val WER {100 * res['wer']:.2f}% on {len(val_rows)} utts, {minutes:.1f} min")
-        log_json({'iter': iter_num, 'val_loss': res['loss'], 'val_ce': res['ce'],
+        common.log_json(out_dir, {'iter': iter_num, 'val_loss': res['loss'], 'val_ce': res['ce'],
                   'val_ctc': res['ctc'], 'val_wer': res['wer'], 'minutes': minutes})
         improved = res['wer'] < best_val_wer
         best_val_wer = min(best_val_wer, res['wer'])
         if improved or always_save_checkpoint or (done and not saved):
-            save_checkpoint()
+            common.save_checkpoint(
+                ckpt_path, raw_model, optimizer, tokenizer, iter_num=iter_num,
+                best_val_wer=best_val_wer, config=config, frozen=frozen, loader=dict(loader.state),
+                rng={'torch': torch.get_rng_state(), 'aug': aug_gen.get_state(),
+                     'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None})
             saved = True
         t0 = time.time()  # the time spent evaluating is not training time
     if done:
@@ -431,10 +323,8 @@ while True:
     sums = torch.zeros(4, device=device)  # loss, ce, ctc, audio seconds
     flops = 0
     for micro_step in range(gradient_accumulation_steps):
-        batch = get_batch()
+        batch = loader.next()
         mel, mel_lengths, tokens, targets, xa = to_device(batch)
-        if spec_augment:
-            mel = data.spec_augment(mel, mel_lengths, generator=aug_gen)
         if token_noise > 0:  # against greedy loops: swap some of the transcript tokens read
             tokens = data.token_noise(tokens, targets, token_noise, aug_gen)
         if ddp:
@@ -459,10 +349,7 @@ while True:
                           if not math.isfinite(v))
         fail(f"iter {iter_num}: non-finite loss ({which or f'loss {loss_f}'}); stopping without "
              f"saving a checkpoint (lower learning_rate or check the data)")
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    common.update(optimizer, params, grad_clip)
     iter_num += 1
     if device_type == 'cuda':
         torch.cuda.synchronize()
@@ -479,15 +366,14 @@ while True:
             record['mfu'] = flops * world_size / dt / 989e12  # H100 bf16 dense peak
             line += f", mfu {100 * record['mfu']:.1f}%"
         print(line)
-        log_json(record)
+        common.log_json(out_dir, record)
 
 # the end: evaluate the final weights on test
 if master and test_rows:
     res = run_eval(test_rows)['report']
     evaluate.print_table(res)
-    log_json({'iter': iter_num, 'test_wer': res['wer'], 'minutes': (time.time() - t_start) / 60})
+    common.log_json(out_dir, {'iter': iter_num, 'test_wer': res['wer'],
+                              'minutes': (time.time() - t_start) / 60})
 if ddp:
-    dist.barrier()  # wait for the master's checkpoint and test table before tearing the group down
-    del train_module  # DDP sits in reference cycles: free it while its group exists (gloo aborts)
-    gc.collect()
-    dist.destroy_process_group()
+    del train_module
+    common.end_ddp()

@@ -1,7 +1,8 @@
-"""The audio-LLM student (model.AudioLLM) and OPD through text (distill.opd_step_text): the audio
+"""The audio-LLM student (model.AudioLLM) and OPD through text (distill.opd_step with maps): the audio
 token count and merge rule, the prompt layout, KV-cached decoding, the text route's loss against
 a brute-force computation across two tokenizers and against opd_step with one tokenizer, and the
 scripts: train.py --student=audio_llm, then distill.py on it lowers the KL to the teacher."""
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 import distill
 from checkpoint import load_checkpoint
 from data import Batches, SentencePieceTokenizer, read_manifest, write_manifest
-from distill import masked_log_softmax, opd_step, opd_step_text, Rescore, rollout, union_support
+from distill import Rescore, Side, Step, length_bounds, masked_log_softmax, opd_step, rollout, union_support
 from model import MERGE, Adapter, AudioLLM, ModelDimensions, Whisper, audio_tokens, length_mask
 from student import make_audio_llm
 from tokenizer import ChatTokenizer, token_map, token_strings
@@ -23,12 +24,8 @@ from tokenizer import ChatTokenizer, token_map, token_strings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
-@pytest.fixture(autouse=True)
-def cfg(monkeypatch):
-    """distill.py's config globals for these tests (float32 math)."""
-    for k, v in dict(topk=8, max_new_tokens=12, tokens_per_second=4.0, length_slack=4,
-                     teacher_bf16=False, student_bf16=False).items():
-        monkeypatch.setattr(distill, k, v)
+HP = Step(topk=8, max_new_tokens=12, cpu_bf16=False)  # one OPD step's settings: float32 math
+BOUNDS = length_bounds([1.0] * 4, tokens_per_second=4.0, length_slack=4)
 
 def tiny(seed, n_vocab, std=None, n_text_ctx=128):
     torch.manual_seed(seed)
@@ -172,6 +169,25 @@ def test_kv_cache_decoding_equals_recomputation(toks):
     expect = torch.tensor(sum((lps[1:] for lps in out.logprobs), []))
     torch.testing.assert_close(lp, expect, atol=1e-4, rtol=1e-4)
 
+def test_left_padding_mask_is_an_argument(toks):
+    """AudioLM.forward(pad_mask=): each left-padded row's logits are its logits alone, and the KV
+    cache holds attention keys/values only."""
+    teacher = tiny(1, toks[0].n_vocab)
+    student, tok = student_of(teacher, toks[0], std=0.5)
+    xa, m, frames = clips(teacher, (120, 57))
+    prompts = [tok.prompt(f) for f in frames]
+    P = max(map(len, prompts))
+    x = torch.tensor([[tok.eot] * (P - len(p)) + p for p in prompts])
+    pad = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts])
+    cache = {}
+    with torch.no_grad():
+        out = student.eval().decoder(x, xa, cache, xa_mask=m, pad_mask=pad)
+        for b, p in enumerate(prompts):
+            alone = student.decoder(torch.tensor([p]), xa[b:b + 1], xa_mask=m[b:b + 1])[0]
+            torch.testing.assert_close(out[b, P - len(p):], alone, atol=1e-4, rtol=1e-4)
+    assert len(cache) == len(student.decoder.blocks)
+    assert all(isinstance(k, torch.nn.Module) for k in cache)
+
 def test_audio_llm_is_its_own_model_without_beam_search(toks):
     """AudioLLM is built from Whisper's parts but is no Whisper: no beam search, and
     evaluate.decode refuses beam > 1 for it in one line, before reading any audio."""
@@ -195,8 +211,7 @@ def brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, k):
                       -1 if s_str[j] == t_str[t_tok.eot] else t_str.index(s_str[j])
                       if s_str[j] in t_str else -1)
     s_prompts = [s_tok.prompt(f) for f in frames]
-    seqs, ended, top_s = rollout(student, xa, s_prompts, s_tok, distill.length_bounds([1.0] * 4),
-                                 k, xa_mask=m)
+    seqs, ended, top_s = rollout(student, s_tok, xa, s_prompts, BOUNDS, HP, k, xa_mask=m)
     total, count, unmapped, dropped, mismatch = 0.0, 0, 0, 0, 0
     for b in range(4):
         t_seq = t_tok.encode_text(s_tok.decode(seqs[b]))
@@ -241,9 +256,9 @@ def test_text_route_equals_brute_force_across_tokenizers(toks):
     assert s_tok.n_vocab == base.n_vocab + 6
     xa, m, frames = clips(teacher)
     maps = token_map(t_tok, s_tok), token_map(s_tok, t_tok)
-    total, n, stats = opd_step_text(student, teacher, s_tok, t_tok, maps, Rescore(student), xa,
-                                    xa, [s_tok.prompt(f) for f in frames],
-                                    [t_tok.sot_sequence()] * 4, [1.0] * 4, [None] * 4, m, m)
+    S = Side(student, s_tok, xa, m, [s_tok.prompt(f) for f in frames])
+    total, n, stats = opd_step(S, Side(teacher, t_tok, xa, m, [t_tok.sot_sequence()] * 4),
+                               Rescore(student), BOUNDS, HP, maps)
     expect, count, brute = brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, 8)
     assert count == n.item() > 5 and stats['positions'] >= count
     assert math.isclose(total.item(), expect, rel_tol=1e-4)
@@ -267,25 +282,23 @@ class CharTokenizer:
         return [self.sot]
 
 @pytest.mark.parametrize('anti_loop', [False, True], ids=['plain', 'loop_unlikelihood'])
-def test_one_tokenizer_text_route_is_opd_step_exactly(anti_loop, monkeypatch):
-    """A Whisper student whose tokenizer is the teacher's: the identity map, no mismatch, and the
-    text route's loss and gradients are opd_step's, bit for bit; with the anti-loop pair too
-    (rollouts cut at a repeated 2-gram, their tails trained away)."""
-    if anti_loop:
-        monkeypatch.setattr(distill, 'ngram_stop', 2)
-        monkeypatch.setattr(distill, 'loop_unlikelihood', 3.0)
+def test_one_tokenizer_text_route_is_opd_step_exactly(anti_loop):
+    """A Whisper student whose tokenizer is the teacher's: with the identity maps (through text)
+    no mismatch, and the loss and gradients are those without maps, bit for bit; with the
+    anti-loop pair too (rollouts cut at a repeated 2-gram, their tails trained away)."""
+    hp = dataclasses.replace(HP, ngram_stop=2, loop_unlikelihood=3.0) if anti_loop else HP
     tok = CharTokenizer()
     teacher, student = tiny(3, 60, 0.3, n_text_ctx=40), tiny(4, 60, 0.3, n_text_ctx=40).train()
     with torch.no_grad():
         xa = teacher.encoder(torch.randn(4, 80, 120, generator=torch.Generator().manual_seed(0)))
-    dur, prompts = [1.0, 2.0, 1.5, 0.5], [[tok.sot]] * 4
-    total, n, stats = opd_step(student, teacher, tok, Rescore(student), xa, xa, prompts, dur)
+    S, T = Side(student, tok, xa, None, [[tok.sot]] * 4), Side(teacher, tok, xa, None, [[tok.sot]] * 4)
+    bounds = length_bounds([1.0, 2.0, 1.5, 0.5], tokens_per_second=4.0, length_slack=4)
+    total, n, stats = opd_step(S, T, Rescore(student), bounds, hp)
     total.backward()
     grads = [p.grad.clone() for p in student.decoder.parameters()]
     student.zero_grad()
     ident = torch.arange(60)
-    t2, n2, s2 = opd_step_text(student, teacher, tok, tok, (ident, ident), Rescore(student), xa,
-                               xa, prompts, prompts, dur, [None] * 4)
+    t2, n2, s2 = opd_step(S, T, Rescore(student), bounds, hp, (ident, ident))
     t2.backward()
     assert n == n2 > 10 and torch.equal(total, t2) and s2['mismatch'] == s2['unmapped'] == 0
     assert stats['looped'] == s2['looped'] and (stats['looped'] > 0) == anti_loop
@@ -314,20 +327,67 @@ def test_token_map_and_unmapped_ids(toks):
     assert valid.tolist() == [[True, False, True, True, False, False]]
     assert dup.tolist() == [[False, False, True]]
 
-def test_empty_rollout_falls_back_to_the_reference(toks, monkeypatch):
+def test_empty_rollouts_score_nothing_and_still_backward(toks):
+    """Rollouts of 0 tokens (cut by their bound, no stop token): nothing to score, a zero loss
+    that still reaches every trained parameter (DDP needs each rank's backward)."""
     teacher = tiny(2, toks[0].n_vocab, std=0.3)
     student, s_tok = student_of(teacher, toks[0])
     xa, m, frames = clips(teacher)
-    monkeypatch.setattr(distill, 'length_slack', 0)  # rollouts of 0 tokens: all empty
-    monkeypatch.setattr(distill, 'tokens_per_second', 0.0)
     maps = token_map(toks[0], s_tok), token_map(s_tok, toks[0])
-    refs = ['the cat', None, 'a dog', None]
-    total, n, stats = opd_step_text(student, teacher, s_tok, toks[0], maps, Rescore(student), xa,
-                                    xa, [s_tok.prompt(f) for f in frames],
-                                    [toks[0].sot_sequence()] * 4, [0.0] * 4, refs, m, m)
-    assert stats['rollout_len'] == 0 and stats['mismatch'] == 2  # the two with a reference
-    n_ref = sum(len(toks[0].encode_text(r)) + 1 for r in refs if r)
-    assert stats['positions'] == n_ref  # the others: no tokens and no stop to score
+    S = Side(student, s_tok, xa, m, [s_tok.prompt(f) for f in frames])
+    total, n, stats = opd_step(S, Side(teacher, toks[0], xa, m, [toks[0].sot_sequence()] * 4),
+                               Rescore(student), [0] * 4, HP, maps)
+    assert stats['rollout_len'] == stats['positions'] == n == total.item() == 0
+    assert stats['mismatch'] == stats['dropped'] == 0
+    total.backward()
+    assert all(p.grad is not None for p in student.decoder.parameters() if p.requires_grad)
+
+def _ddp_rank(rank, port, out):
+    """One of 2 gloo ranks: the same OPD step through text, but rank 1's teacher->student map has
+    no ids (every rollout dropped: no position to score)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    tok, ident = CharTokenizer(), torch.arange(60)
+    teacher, student = tiny(3, 60, 0.3, n_text_ctx=40), tiny(4, 60, 0.3, n_text_ctx=40).train()
+    student.encoder.requires_grad_(False)  # as distill.py has it: DDP syncs the decoder's grads
+    with torch.no_grad():
+        xa = teacher.encoder(torch.randn(4, 80, 120, generator=torch.Generator().manual_seed(0)))
+    none = torch.where(ident == tok.eot, ident, -1)
+    S, T = Side(student, tok, xa, None, [[tok.sot]] * 4), Side(teacher, tok, xa, None, [[tok.sot]] * 4)
+    rescore = DDP(Rescore(student))  # held until the backward: its reducer syncs the gradients
+    total, n, stats = opd_step(S, T, rescore, BOUNDS, HP,
+                               (ident, ident) if rank == 0 else (none, ident))
+    count = n.float()
+    dist.all_reduce(count)
+    (total / count * 2).backward()  # the global mean, as distill.py's update takes it
+    torch.save({'grads': [p.grad for p in student.decoder.parameters()], 'stats': stats},
+               f'{out}.{rank}')
+    dist.destroy_process_group()
+
+def test_ddp_rank_that_drops_every_rollout(tmp_path):
+    """2 gloo ranks, one of which drops every rollout: no hang, and the update is the one process
+    would make from the other rank's batch alone."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s_:
+        s_.bind(('127.0.0.1', 0))
+        port = s_.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(port, str(tmp_path / 'r')), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f'r.{r}', weights_only=False) for r in (0, 1))
+    assert r1['stats']['dropped'] == 4 and r1['stats']['positions'] == 0
+    assert r0['stats']['dropped'] == 0 and r0['stats']['positions'] > 10
+    tok = CharTokenizer()
+    teacher, student = tiny(3, 60, 0.3, n_text_ctx=40), tiny(4, 60, 0.3, n_text_ctx=40).train()
+    with torch.no_grad():
+        xa = teacher.encoder(torch.randn(4, 80, 120, generator=torch.Generator().manual_seed(0)))
+    S, T = Side(student, tok, xa, None, [[tok.sot]] * 4), Side(teacher, tok, xa, None, [[tok.sot]] * 4)
+    total, n, _ = opd_step(S, T, Rescore(student), BOUNDS, HP)
+    (total / n).backward()
+    for g0, g1, p in zip(r0['grads'], r1['grads'], student.decoder.parameters()):
+        torch.testing.assert_close(g0, p.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g1, p.grad, rtol=1e-5, atol=1e-7)  # DDP averaged them
 
 # -----------------------------------------------------------------------------
 # the scripts: Ark-Base (train.py --student=audio_llm), then OPD (distill.py) on it
@@ -379,7 +439,7 @@ def test_ark_opd_lowers_the_kl_to_the_teacher(ark):
                            train_manifest=d / 'train4.jsonl', val_manifest='', out_dir=d / 'opd',
                            max_iters=200, batch_size=4, log_interval=20, learning_rate=1e-3,
                            warmup_iters=5, topk=16, max_new_tokens=16, tokens_per_second=4.0,
-                           device='cpu', teacher_bf16=False, student_bf16=False))
+                           device='cpu', cpu_bf16=False))
     log = [json.loads(r) for r in open(d / 'opd' / 'log.jsonl')]
     kl = [r['kl_ts'] for r in log if 'kl_ts' in r]
     assert len(kl) == 10 and kl[-1] < 0.5 * kl[0], kl

@@ -369,3 +369,20 @@ def test_distilled_student_exports_to_openai_whisper(setup):
     mel, tokens = torch.randn(1, 80, 800), torch.tensor([tok.sot_sequence() + [5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(theirs(mel, tokens), model(mel, tokens), atol=1e-4, rtol=1e-4)
+
+def test_only_the_loop_reads_config_globals():
+    """The pieces of a step take what they use as arguments: no function of distill.py but main
+    (the script's loop) reads a config global."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, 'distill.py')).read())
+    read = {}
+    for top in tree.body:
+        if not isinstance(top, (ast.FunctionDef, ast.ClassDef)) or top.name == 'main':
+            continue
+        local = {a.arg for n in ast.walk(top) if isinstance(n, ast.arguments)
+                 for a in n.args + n.kwonlyargs + n.posonlyargs}
+        local |= {n.id for n in ast.walk(top) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        names = {n.id for n in ast.walk(top) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        read[top.name] = sorted((names - local) & set(distill.config_keys))
+    assert 'opd_step' in read and 'rollout' in read
+    assert {k: v for k, v in read.items() if v} == {}

@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import common
 import data
 import evaluate
 from checkpoint import load_checkpoint
@@ -154,22 +155,22 @@ def test_encoder_cache_memory_and_disk(tmp_path, monkeypatch):
     paths = [str(tmp_path / f"{name}.wav") for name in "abc"]  # keyed on path, size and mtime
     for p in paths:
         open(p, "w").write("x")
-    cache = evaluate.EncoderCache(model.encoder, directory=str(tmp_path / "cache"))
+    cache = common.EncoderCache(model.encoder, directory=str(tmp_path / "cache"))
     xa = cache(mel, paths)
     torch.testing.assert_close(xa, model.encoder(mel).detach().half().float())
     assert xa.dtype == torch.float32 and len(os.listdir(tmp_path / "cache")) == 3
     for f in os.listdir(tmp_path / "cache"):  # the files are plain tensors
         torch.load(tmp_path / "cache" / f, weights_only=True)
-    again = evaluate.EncoderCache(model.encoder, directory=str(tmp_path / "cache"))  # a later run
+    again = common.EncoderCache(model.encoder, directory=str(tmp_path / "cache"))  # a later run
     assert torch.equal(again(torch.zeros(2, 80, 120), [paths[2], paths[0]]), xa[[2, 0]])
     open(paths[0], "w").write("a regenerated file")  # a new corpus at the same path: encoded again
-    fresh = evaluate.EncoderCache(model.encoder, directory=str(tmp_path / "cache"))
+    fresh = common.EncoderCache(model.encoder, directory=str(tmp_path / "cache"))
     zeros = torch.zeros(1, 80, 120)
     assert torch.equal(fresh(zeros, [paths[0]]), model.encoder(zeros).detach().half().float())
-    monkeypatch.setattr(evaluate.EncoderCache, "FEATURES", "other")  # files of other features:
-    other = evaluate.EncoderCache(model.encoder, directory=str(tmp_path / "cache"))  # not read
+    monkeypatch.setattr(common.EncoderCache, "FEATURES", "other")  # files of other features:
+    other = common.EncoderCache(model.encoder, directory=str(tmp_path / "cache"))  # not read
     assert torch.equal(other(zeros, [paths[1]]), model.encoder(zeros).detach().half().float())
-    memory = evaluate.EncoderCache(model.encoder)  # no directory: in memory only
+    memory = common.EncoderCache(model.encoder)  # no directory: in memory only
     assert torch.equal(memory(mel, paths), memory(torch.zeros_like(mel), paths))
 
 # -----------------------------------------------------------------------------

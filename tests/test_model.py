@@ -1,4 +1,5 @@
 """model.py: KV cache, batched decoding and beam search agree with the slow, obvious ways."""
+import os
 import torch
 import pytest
 
@@ -185,3 +186,23 @@ def test_padding_mask_makes_each_clip_independent_of_its_batch(conv_stride):
                                                 max_new_tokens=8).tokens[0]
     assert unmasked != greedy  # without the mask the padding changes the transcripts
     assert length_mask(torch.tensor([200, 200]), 200) is None  # nothing padded: no mask at all
+
+def test_imports_flow_one_way():
+    """model.py imports nothing of the project; no module of the project imports one above it."""
+    import ast
+    import glob
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mods = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(root, '*.py'))}
+    deps = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(root, m + '.py')).read())
+        deps[m] = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+                   if a.name in mods}
+        deps[m] |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and n.module in mods}
+    assert deps['model'] == set() and {'model', 'distill', 'train', 'common'} <= mods
+    def below(m, path=()):
+        assert m not in path, f"import cycle: {' -> '.join(path + (m,))}"
+        return set().union(*[{d} | below(d, path + (m,)) for d in deps[m]]) if deps[m] else set()
+    for m in mods:
+        below(m)

@@ -42,8 +42,8 @@ def log(out_dir, key='loss'):
 
 def test_train_writes_checkpoint_that_evaluate_reads(train_corpus, tmp_path):
     out = tmp_path / 'out'
-    p = run(tiny(train_corpus, out, eval_interval=2, ctc_weight=0.3, conv_stride=4, spec_augment=True,
-                 always_save_checkpoint=True, batch_seconds=8.0,
+    p = run(tiny(train_corpus, out, eval_interval=2, ctc_weight=0.3, conv_stride=4,
+                 always_save_checkpoint=True,
                  test_manifest=f'{train_corpus}/test.jsonl'))
     assert 'iter 4: loss' in p.stdout and 'val WER' in p.stdout and 'audio-s/s' in p.stdout
     assert 'WER' in p.stdout.split('saved checkpoint')[-1]  # the test table at the end
@@ -61,9 +61,8 @@ def test_train_writes_checkpoint_that_evaluate_reads(train_corpus, tmp_path):
     assert json.load(open(tmp_path / 'res.json'))['utterances'] == 4
 
 def test_resume_is_bit_exact(train_corpus, tmp_path):
-    # dropout, SpecAugment, a curriculum and an epoch boundary (4 batches an epoch) all cross the resume point
-    kw = dict(dropout=0.1, spec_augment=True, ctc_weight=0.5, curriculum_iters=3, curriculum_seconds=2.5,
-              max_iters=8, lr_decay_iters=8)  # the first half stops early on the same schedule
+    # dropout, token noise and an epoch boundary (4 batches an epoch) all cross the resume point
+    kw = dict(dropout=0.1, token_noise=0.3, ctc_weight=0.5, max_iters=8, lr_decay_iters=8)  # the first half stops early on the same schedule
     run(tiny(train_corpus, tmp_path / 'straight', **kw))
     run(tiny(train_corpus, tmp_path / 'split', **dict(kw, max_iters=5)))
     run(tiny(train_corpus, tmp_path / 'split', **dict(kw, init_from='resume')))
