@@ -38,6 +38,7 @@ import zlib
 
 import torch
 
+import common
 import data
 import evaluate
 from checkpoint import load_checkpoint
@@ -134,7 +135,7 @@ def encode_all(paths):
     """Stage 'encode': base's frozen encoder once per clip (bf16 autocast), kept on disk
     (float16)."""
     model = load_checkpoint('weights/base')[0]
-    cache = evaluate.EncoderCache(model.encoder, CACHE_DIR, torch.autocast('cpu', torch.bfloat16))
+    cache = common.EncoderCache(model.encoder, CACHE_DIR, torch.autocast('cpu', torch.bfloat16))
     whisper_rows = set(want) & set(STUDENT_ROWS) - ARK_ROWS  # they train on labeled, unlabeled
     names = ['val', *SETS] + ['labeled', 'unlabeled'] * bool(whisper_rows)
     for name in names + ['ark_unlabeled'] * ('ark_unlabeled' in paths):  # ark_train's within
@@ -246,7 +247,7 @@ def evaluate_row(row, test_rows, cache, name, extra=True):
     errors) for the bootstrap."""
     model, tok, _ = load_checkpoint(row_path(row))
     if row == 'tiny_en':  # its own encoder, on the same terms as base's: bf16, cached on disk
-        cache = evaluate.EncoderCache(model.encoder, CACHE_DIR,
+        cache = common.EncoderCache(model.encoder, CACHE_DIR,
                                       torch.autocast('cpu', torch.bfloat16))
     t0 = time.time()
     tokens, _ = evaluate.decode(model, tok, test_rows, batch_size=16, encode=cache)

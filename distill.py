@@ -62,8 +62,7 @@ beta = 0.5  # jsd: 0 = forward KL, 1 = reverse KL
 # rollouts
 max_new_tokens = 64
 temperature = 0.0  # 0 = greedy (paper)
-tokens_per_second = 6.0  # a rollout stops after length_slack + tokens_per_second * duration tokens
-length_slack = 8
+tokens_per_second = 6.0  # a rollout stops after 8 + tokens_per_second * duration tokens
 # anti-loop measures (off unless a recipe turns them on)
 ngram_stop = 0  # > 0: cut a rollout where an n-gram of this size repeats (no EOT target then)
 loop_unlikelihood = 0.0  # > 0: that n-gram's tokens get w * -log(1 - p_S) instead of the KL
@@ -550,7 +549,7 @@ def main():
         # steps 1-4: rollout, teacher scores, student re-scores, per-position divergence (with
         # the full-vocabulary KLs on the last step before each log line)
         full_diag = (iter_num + 1) % log_interval == 0 or iter_num + 1 == max_iters
-        max_lens = length_bounds(batch['duration'].tolist(), tokens_per_second, length_slack)
+        max_lens = length_bounds(batch['duration'].tolist(), tokens_per_second)
         loss_sum, n, stats = opd_step(S, T, rescore, max_lens, hp, maps, generator, full_diag)
         # 5. update. The mean is over the positions of the GLOBAL batch: every rank divides by the
         # global count times the world size (DDP averages gradients): one process's update
