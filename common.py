@@ -54,6 +54,15 @@ def end_ddp():
     gc.collect()
     dist.destroy_process_group()
 
+def cpu_bf16_ok(asked=True, device_type='cpu'):
+    """Whether bf16 autocast on CPU, as asked, pays: only where oneDNN has bf16 kernels for this
+    CPU (AVX-512 or AMX). Elsewhere (AVX2 only) a bf16 matmul is ~200x slower than float32
+    (BENCH.md): float32 then, said once."""
+    ok = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if asked and device_type == 'cpu' and not ok:
+        print("cpu_bf16: this CPU has no bf16 kernels (AVX2 only); float32 instead")
+    return asked and ok
+
 def autocast(device_type, dtype='bfloat16', cpu_bf16=False):
     """bf16 autocast on CUDA unless dtype is float32, on CPU where cpu_bf16 asks for it; the
     weights and optimizer state stay fp32 (the master copy)."""

@@ -132,10 +132,11 @@ def prepare_data():
     return paths
 
 def encode_all(paths):
-    """Stage 'encode': base's frozen encoder once per clip (bf16 autocast), kept on disk
-    (float16)."""
+    """Stage 'encode': base's frozen encoder once per clip (bf16 autocast where the CPU has bf16
+    kernels), kept on disk (float16)."""
     model = load_checkpoint('weights/base')[0]
-    cache = common.EncoderCache(model.encoder, CACHE_DIR, torch.autocast('cpu', torch.bfloat16))
+    cache = common.EncoderCache(model.encoder, CACHE_DIR,
+                                common.autocast('cpu', cpu_bf16=common.cpu_bf16_ok()))
     whisper_rows = set(want) & set(STUDENT_ROWS) - ARK_ROWS  # they train on labeled, unlabeled
     names = ['val', *SETS] + ['labeled', 'unlabeled'] * bool(whisper_rows)
     for name in names + ['ark_unlabeled'] * ('ark_unlabeled' in paths):  # ark_train's within
@@ -246,9 +247,9 @@ def evaluate_row(row, test_rows, cache, name, extra=True):
     base-encoder rows, with extra, also with Whisper's fallback. Also per-utterance (words,
     errors) for the bootstrap."""
     model, tok, _ = load_checkpoint(row_path(row))
-    if row == 'tiny_en':  # its own encoder, on the same terms as base's: bf16, cached on disk
+    if row == 'tiny_en':  # its own encoder, on the same terms as base's, cached on disk
         cache = common.EncoderCache(model.encoder, CACHE_DIR,
-                                      torch.autocast('cpu', torch.bfloat16))
+                                    common.autocast('cpu', cpu_bf16=common.cpu_bf16_ok()))
     t0 = time.time()
     tokens, _ = evaluate.decode(model, tok, test_rows, batch_size=16, encode=cache)
     hyps = [tok.decode(t).strip() for t in tokens]

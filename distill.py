@@ -79,7 +79,7 @@ min_lr = 1e-5
 # system
 device = ''  # '' = cuda if available, else cpu
 dtype = 'bfloat16'  # autocast on CUDA; fp32 master weights and optimizer state
-cpu_bf16 = True  # on CPU too: rollout, teacher and update under bf16 autocast (fp32 weights)
+cpu_bf16 = True  # on CPU too, where it has bf16 kernels: rollout, teacher, update under bf16
 compile = False
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -441,9 +441,10 @@ def log_record(s, steps, across):
 def main():
     check(globals())
     config = {k: globals()[k] for k in config_keys}
-    hp = Step(**{f.name: globals()[f.name] for f in fields(Step)})
     ddp, rank, local_rank, world_size, dev = common.init_ddp(device)
     master, device_type = rank == 0, 'cuda' if dev.startswith('cuda') else 'cpu'
+    hp = Step(**dict({f.name: globals()[f.name] for f in fields(Step)},
+                     cpu_bf16=common.cpu_bf16_ok(cpu_bf16, device_type)))
     torch.manual_seed(seed)
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     os.makedirs(out_dir, exist_ok=True)
@@ -460,7 +461,7 @@ def main():
     audio_llm = isinstance(student, AudioLLM)
     n_frames = evaluate.whisper_frames(student, tok)  # 3000 for Whisper weights, else None
     shared, cache_t, cache_s = encoder_caches(teacher, student, n_frames, encoder_cache_dir,
-                                              common.autocast(device_type, dtype, True))
+                                              common.autocast(device_type, dtype, hp.cpu_bf16))
 
     # data: the audio only
     rows = data.check_audio(data.read_manifest(train_manifest))  # every clip's header, now

@@ -1,8 +1,8 @@
 """
 Transcribe a manifest with a checkpoint and score it: corpus-level WER (English) or CER (Mandarin).
-Also batched decoding (decode, transcribe). Whisper weights get the features of Whisper's transcribe(), and a clip over 30 s
-is transcribed in 30-s windows with timestamps as transcribe() does (longform.py); our models
-refuse a clip longer than their encoder takes.
+Also batched decoding (decode, transcribe). Whisper weights get the features of Whisper's
+transcribe(), and a clip over 30 s is transcribed in 30-s windows with timestamps as transcribe()
+does (longform.py); our models refuse a clip longer than their encoder takes.
 
     python evaluate.py --ckpt=out/ckpt.pt --manifest=data/grammar/test.jsonl --out=results.json
     python evaluate.py --ckpt=weights/whisper-tiny.en --manifest=data/ls_test_clean.jsonl --beam=5

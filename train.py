@@ -113,6 +113,7 @@ torch.manual_seed(seed)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+cpu_bf16 = common.cpu_bf16_ok(cpu_bf16, device_type)
 ctx = common.autocast(device_type, dtype, cpu_bf16)
 eval_ctx = ctx if device_type == 'cuda' else nullcontext()
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
