@@ -171,9 +171,8 @@ model.to(device)
 # a frozen encoder on fixed-length mels: its outputs are computed once per clip (and kept on disk)
 enc_frozen = not any(p.requires_grad for p in model.encoder.parameters())
 encode = None
-if enc_frozen and n_frames:
-    enc_ctx = ctx if device_type == 'cuda' or cpu_bf16 else nullcontext()
-    encode = common.EncoderCache(model.encoder, encoder_cache_dir, enc_ctx)
+if enc_frozen and n_frames:  # under the training autocast (bf16 where it is on)
+    encode = common.EncoderCache(model.encoder, encoder_cache_dir, ctx)
 
 # drop what the model cannot take: too many tokens (prompt, text, EOT) or frames
 fits = lambda r: common.fits(r, model, tokenizer,
