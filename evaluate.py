@@ -19,7 +19,7 @@ import torch
 
 import data
 from checkpoint import load_checkpoint
-from longform import transcribe_long
+from longform import no_speech, transcribe_long
 from tokenizer import WhisperTokenizer
 from score import score
 from model import AudioLLM, length_mask
@@ -64,7 +64,7 @@ def too_long(model, tokenizer, rows, n_frames=None):
 @torch.no_grad()
 def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=None,
            max_new_tokens=None, temperature=0.0, generator=None, n_frames=None, truncate=False,
-           done=None):
+           done=None, check_speech=False):
     """Decode every row's audio: greedy, sampling (temperature > 0) or beam search (beam > 1).
     Returns (tokens, ended) in the order of rows: the token ids without prompt and EOT, and whether
     EOT was reached. Rows are batched by prompt (language) and sorted by duration; mels are padded
@@ -74,7 +74,9 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
     clip longer than their encoder takes (a ValueError naming it), or with truncate=True cut it
     there. encode(mel, paths): the encoder
     output (an EncoderCache, say; not used for long clips); by default model.encoder. done:
-    a dict to fill with row index -> (tokens, ended) as rows finish (kept if a later clip fails)."""
+    a dict to fill with row index -> (tokens, ended) as rows finish (kept if a later clip fails).
+    check_speech (Whisper weights): transcribe()'s no-speech check, silence and noise get no
+    words (longform.no_speech)."""
     if beam > 1 and temperature > 0:
         raise ValueError("decode: beam search or sampling, not both")
     audio_llm = isinstance(model, AudioLLM)
@@ -112,7 +114,7 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
         for k in long:  # over 30 s: Whisper's windows, one clip at a time
             prompt = [t for t in prompts[k] if t != tokenizer.no_timestamps]  # timestamps on
             mel = data.whisper_mel(audio[k], n_mels, n_frames=None).to(device)
-            done[k] = transcribe_long(model, tokenizer, mel, prompt, max_new_tokens)
+            done[k] = transcribe_long(model, tokenizer, mel, prompt, max_new_tokens, check_speech)
         idx = [k for k in idx if k not in long]
         if not idx:
             continue
@@ -137,16 +139,18 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
         else:
             out = model.generate(xa, prompt, tokenizer.eot, temperature=temperature,
                                  generator=generator, xa_mask=m, **kw)
+        silent = (no_speech(model, tokenizer, xa, prompt) if check_speech and windowed
+                  else [False] * len(idx))
         for j, k in enumerate(idx):
-            done[k] = out.tokens[j], out.ended[j]
+            done[k] = ([], True) if silent[j] else (out.tokens[j], out.ended[j])
     model.train(was_training)
     return [done[k][0] for k in range(len(rows))], [done[k][1] for k in range(len(rows))]
 
 def transcribe(model, tokenizer, rows, batch_size=16, beam=1, language=None, n_frames=None,
-               max_new_tokens=None, encode=None, truncate=False):
+               max_new_tokens=None, encode=None, truncate=False, check_speech=False):
     """decode's transcripts as text, stripped, in the order of rows."""
     tokens, _ = decode(model, tokenizer, rows, batch_size, beam, language, encode, max_new_tokens,
-                       n_frames=n_frames, truncate=truncate)
+                       n_frames=n_frames, truncate=truncate, check_speech=check_speech)
     return [tokenizer.decode(t).strip() for t in tokens]
 
 # -----------------------------------------------------------------------------
@@ -215,7 +219,7 @@ def main():
     if not rows:
         raise ValueError(f"{g['manifest']}: no rows to transcribe (--max_utts={g['max_utts']})")
     data.check_audio(rows)  # every header now: a missing or unreadable file before any decoding
-    model, tokenizer, _ = load_checkpoint(g["ckpt"], device)
+    model, tokenizer, ours = load_checkpoint(g["ckpt"], device)  # ours None: Whisper weights
     language = g["language"] or None
     beyond, limit = too_long(model, tokenizer, rows)  # refused by decode unless --truncate=True
     whisper = whisper_frames(model, tokenizer) is not None  # a clip over 30 s: in windows
@@ -223,7 +227,7 @@ def main():
     t0, done = time.time(), {}
     try:
         tokens, ended = decode(model, tokenizer, rows, g["batch_size"], g["beam"], language,
-                               truncate=g["truncate"], done=done)
+                               truncate=g["truncate"], done=done, check_speech=ours is None)
     except Exception as e:  # a clip that fails on reading, say: keep the finished transcripts
         if g["out"] and done:
             keep = sorted(done)

@@ -2,7 +2,8 @@
 A Whisper encoder-decoder with KV-cached batched decoding. Parameter names are openai-whisper's, so
 real Whisper weights load as they are (checkpoint.py); the student is the same class, smaller.
 The paper's other student shape, an audio-LLM (Whisper encoder -> adapter -> causal LM), is
-AudioLLM, built from the same encoder and blocks. Both decode through decode(), at the end.
+AudioLLM, built from the same encoder and blocks. Both decode through decode(). Last, LlamaLM:
+a pretrained LLaMA-architecture chat LM (SmolLM2-135M-Instruct, from a GGUF file).
 """
 import math
 from dataclasses import dataclass
@@ -454,3 +455,101 @@ def decode(next_logits, x, eot, n_ctx, max_new_tokens=None, suppress=(), suppres
     top_ids = [top[b, :k + e] for b, (k, e) in enumerate(zip(n, ended))] if topk else None
     return Decoding([t[:k] for t, k in zip(tokens, n)], [p[:k] for p, k in zip(logprobs, n)],
                     ended, top_ids)
+
+# -----------------------------------------------------------------------------
+# a pretrained LLaMA-architecture chat LM (SmolLM2-135M-Instruct, read by checkpoint.load_gguf).
+# Parameter names are Hugging Face's LlamaForCausalLM's, less its "model." prefix.
+
+@dataclass
+class LlamaDimensions:
+    n_vocab: int = 49152
+    n_ctx: int = 8192
+    n_state: int = 576
+    n_head: int = 9
+    n_kv_head: int = 3          # grouped-query attention: each key/value head serves 3 query heads
+    n_layer: int = 30
+    n_mlp: int = 1536
+    rope_base: float = 100000.0
+    norm_eps: float = 1e-5
+
+def rope(n_ctx, head_dim, base):
+    """The rotary positions' cos and sin, (n_ctx, head_dim) each, in rotate_half's layout."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = (torch.arange(n_ctx).float()[:, None] * inv_freq[None, :]).repeat(1, 2)
+    return angles.cos(), angles.sin()
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hs) rotated by position: dimension i pairs with i + hs/2 (rotate_half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+class LlamaAttention(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        self.n_head, self.n_kv_head, hs = dims.n_head, dims.n_kv_head, dims.n_state // dims.n_head
+        self.q_proj = nn.Linear(dims.n_state, dims.n_head * hs, bias=False)
+        self.k_proj = nn.Linear(dims.n_state, dims.n_kv_head * hs, bias=False)
+        self.v_proj = nn.Linear(dims.n_state, dims.n_kv_head * hs, bias=False)
+        self.o_proj = nn.Linear(dims.n_head * hs, dims.n_state, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        """cos, sin: (T, hs) at x's positions; kv_cache: the earlier positions' keys and values."""
+        B, T, _ = x.shape
+        split = lambda y, h: y.view(B, T, h, -1).transpose(1, 2)  # (B, h, T, hs)
+        q = apply_rope(split(self.q_proj(x), self.n_head), cos, sin)
+        k = apply_rope(split(self.k_proj(x), self.n_kv_head), cos, sin)
+        v = split(self.v_proj(x), self.n_kv_head)
+        if kv_cache is not None:
+            if self in kv_cache:  # append the new positions to the cached ones
+                k, v = (torch.cat(pair, dim=2) for pair in zip(kv_cache[self], (k, v)))
+            kv_cache[self] = (k, v)
+        Tk, mask = k.shape[2], None
+        if 1 < T < Tk:  # new tokens after a cached prefix: each sees it and the new ones before it
+            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
+        y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=1 < T == Tk, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
+
+class LlamaMLP(nn.Module):  # SwiGLU
+    def __init__(self, n_state, n_mlp):
+        super().__init__()
+        self.gate_proj = nn.Linear(n_state, n_mlp, bias=False)
+        self.up_proj = nn.Linear(n_state, n_mlp, bias=False)
+        self.down_proj = nn.Linear(n_mlp, n_state, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+class LlamaBlock(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(dims.n_state, eps=dims.norm_eps)
+        self.self_attn = LlamaAttention(dims)
+        self.post_attention_layernorm = nn.RMSNorm(dims.n_state, eps=dims.norm_eps)
+        self.mlp = LlamaMLP(dims.n_state, dims.n_mlp)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+class LlamaLM(nn.Module):
+    """A LLaMA decoder with tied embeddings: tokens (B, T) -> logits (B, T, n_vocab). embeds
+    (B, T, n_state), given instead of tokens, are its input (the audio-LLM's prompt with the
+    audio frames spliced in); kv_cache: a dict, as Whisper's decoder takes."""
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+        self.embed_tokens = nn.Embedding(dims.n_vocab, dims.n_state)
+        self.layers = nn.ModuleList(LlamaBlock(dims) for _ in range(dims.n_layer))
+        self.norm = nn.RMSNorm(dims.n_state, eps=dims.norm_eps)
+        cos, sin = rope(dims.n_ctx, dims.n_state // dims.n_head, dims.rope_base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, tokens=None, kv_cache=None, embeds=None):
+        x = self.embed_tokens(tokens) if embeds is None else embeds
+        first = self.layers[0].self_attn
+        offset = kv_cache[first][0].shape[2] if kv_cache and first in kv_cache else 0
+        cos, sin = self.cos[offset:offset + x.shape[1]], self.sin[offset:offset + x.shape[1]]
+        for block in self.layers:
+            x = block(x, cos, sin, kv_cache)
+        return self.norm(x) @ self.embed_tokens.weight.T

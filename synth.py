@@ -311,6 +311,73 @@ def synth_corpus(out, text='grammar', n_train=3000, n_val=200, n_test=200, holdo
     return rows
 
 
+# -----------------------------------------------------------------------------
+# long recordings (a user's folder, for adapt.py): with the sentence timings as labels
+
+FORMATS = ('wav', 'flac', 'ogg', 'mp3')
+
+def long_recording(job):
+    """One voice reading sentences with 0.4-1.5 s pauses (a faint noise floor under all of it),
+    until `seconds` of audio -> [(start s, end s, text)] of what it read."""
+    path, texts, speaker, seconds, seed = job
+    rng, piper, parts, labels, t = np.random.default_rng(seed), None, [], [], 0.0
+    for text in texts:
+        if speaker['voice'] == PIPER:
+            piper = piper or load_piper(seed)
+            x, sr = piper_audio(piper, text, **speaker)
+        else:
+            x, sr = espeak_audio(text, **speaker)
+        x = 0.9 * resample(x, sr, SAMPLE_RATE)
+        loud = np.flatnonzero(np.abs(x) > 1e-3)
+        x = x[loud[0]:loud[-1] + 1]  # the sentence's own silence trimmed: its timing is exact
+        pause = np.zeros(int(rng.uniform(0.4, 1.5) * SAMPLE_RATE), np.float32)
+        parts += [x, pause]
+        labels.append((t, t + len(x) / SAMPLE_RATE, text))
+        t += (len(x) + len(pause)) / SAMPLE_RATE
+        if t >= seconds:
+            break
+    y = np.concatenate(parts)
+    y += 3e-4 * rng.standard_normal(len(y)).astype(np.float32)  # about -70 dBFS
+    fmt = os.path.splitext(path)[1][1:].upper()
+    with sf.SoundFile(path, 'w', SAMPLE_RATE, 1, format=fmt) as f:
+        for i in range(0, len(y), SAMPLE_RATE):  # in blocks: libsndfile's OGG writer crashes on
+            f.write(y[i:i + SAMPLE_RATE])        # a long one
+    return labels
+
+def long_recordings(out, minutes=120, file_minutes=10, espeak_share=0.34, skip=5000, seed=7,
+                    workers=2):
+    """A folder of long recordings, as a user would have: out/rec/long_NN.{wav,flac,ogg,mp3},
+    about file_minutes each, `minutes` in all, each file one voice (Piper's joe, or in about
+    espeak_share of the files an espeak-ng voice), reading fortunes sentences the demo never
+    reads (after the first `skip` of the seed-1337 order; its corpora take the first 2,190);
+    out/labels.jsonl holds each file's sentences with their times."""
+    pool = fortunes_sentences()
+    pool = [pool[i] for i in np.random.default_rng(1337).permutation(len(pool))][skip:]
+    rng, espeak = np.random.default_rng(seed), espeak_voices('en')
+    n = max(1, round(minutes / file_minutes))
+    per_file = len(pool) // n
+    jobs = []
+    for f in range(n):
+        if rng.random() < espeak_share:
+            fam, var = espeak[rng.integers(len(espeak))]
+            speaker = dict(voice=f'{fam}+{var}', speed=int(rng.integers(140, 181)),
+                           pitch=int(rng.integers(30, 71)))
+        else:
+            speaker = dict(voice=PIPER, **{k: round(float(rng.uniform(lo, hi)), 3)
+                                           for k, (lo, hi) in PIPER_RANGES.items()})
+        path = os.path.join(out, 'rec', f'long_{f:02d}.{FORMATS[f % len(FORMATS)]}')
+        jobs.append((path, pool[f * per_file:(f + 1) * per_file], speaker,
+                     60.0 * minutes / n, seed * 1000 + f))
+    os.makedirs(os.path.join(out, 'rec'), exist_ok=True)
+    with multiprocessing.get_context('fork').Pool(workers) as procs:
+        labels = procs.map(long_recording, jobs, chunksize=1)
+    rows = [dict(file=os.path.relpath(job[0], os.path.join(out, 'rec')), voice=job[2]['voice'],
+                 sentences=lab) for job, lab in zip(jobs, labels)]
+    with open(os.path.join(out, 'labels.jsonl'), 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+    return rows
+
+
 if __name__ == '__main__':
     out, text, seed, workers = '', 'grammar', 1337, 2  # synth_corpus's arguments
     n_train, n_val, n_test, holdout_voices = 3000, 200, 200, 0

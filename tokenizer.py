@@ -1,7 +1,8 @@
 """
 Tokenizers: Whisper's byte-level BPE on tiktoken (WhisperTokenizer, read from tokenizer.json,
-vocabulary.json/.txt or .tiktoken files), the audio-LLM's ChatTokenizer on top of one, the map
-between two vocabularies by token string (token_map), and tokenizer_from_dict (a checkpoint's).
+vocabulary.json/.txt or .tiktoken files), the audio-LLM's ChatTokenizer on top of one, a GGUF
+chat LM's byte-level BPE (GGUFTokenizer: SmolLM2's), the map between two vocabularies by token
+string (token_map), and tokenizer_from_dict (a checkpoint's).
 """
 import base64
 import json
@@ -141,6 +142,54 @@ class ChatTokenizer:
 
     def to_dict(self):
         return {"kind": "chat", "base": self.base.to_dict()}
+
+# the GGUF chat LM's pre-tokenizer, llama.cpp's "smollm" (llama-vocab.cpp): each digit alone, then
+# GPT-2's regex on the text between digits; in one regex, a whitespace run also ends before a digit
+SMOLLM_PAT_STR = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
+                  r"""|\s+(?![^\s\p{N}])|\s+""")
+
+class GGUFTokenizer:
+    """A GGUF chat LM's byte-level BPE (SmolLM2's) on tiktoken, from the file's tokens and merges
+    (checkpoint.load_gguf's metadata). Its control tokens (<|im_start|>, <|im_end|>,
+    <|endoftext|>, ...) are encoded only where allowed_special names them; eot is <|im_end|>."""
+    SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+    def __init__(self, meta):
+        import tiktoken
+        tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+        if (meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")) != ("gpt2", "smollm"):
+            raise ValueError(f"tokenizer {meta.get('tokenizer.ggml.model')!r}, pre-tokenizer "
+                             f"{meta.get('tokenizer.ggml.pre')!r}: only gpt2 with smollm is read")
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        self.n_vocab, ids = len(tokens), {t: i for i, t in enumerate(tokens)}
+        self.specials = {t: i for i, t in enumerate(tokens) if types[i] == 3}  # 3: CONTROL
+        self.ranks = {bytes(map(byte_of.get, t)): i for i, t in enumerate(tokens) if types[i] != 3}
+        # tiktoken merges the pair that makes the lowest-ranked token first; the ranks are the ids,
+        # so they must follow the merges' order
+        merged = [ids[m.replace(" ", "")] for m in meta["tokenizer.ggml.merges"]]
+        if merged != sorted(merged):
+            raise ValueError("tokenizer.ggml.merges are not in the order of their tokens' ids")
+        # bytes the vocabulary lacks (0xF5-0xFF, a few controls) get ids past it; encode drops them
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in self.ranks]
+        ranks = {**self.ranks, **{b: self.n_vocab + k for k, b in enumerate(missing)}}
+        self.encoding = tiktoken.Encoding(name="gguf", pat_str=SMOLLM_PAT_STR,
+                                          mergeable_ranks=ranks, special_tokens=self.specials)
+        self.im_start, self.im_end = self.specials["<|im_start|>"], self.specials["<|im_end|>"]
+        self.eot = meta["tokenizer.ggml.eos_token_id"]  # <|im_end|>: the end of a chat turn
+
+    def encode(self, text, allowed_special=frozenset()):
+        """allowed_special: the control tokens' names to encode as such, or "all"."""
+        ids = self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
+        return [i for i in ids if i < self.n_vocab]
+
+    def decode(self, ids):
+        return self.encoding.decode([int(i) for i in ids])
+
+    def chat_prompt(self, instruction, system=SYSTEM):
+        """SmolLM2's ChatML prompt: a system turn, the user's instruction, the answer's start."""
+        return self.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+                           f"{instruction}<|im_end|>\n<|im_start|>assistant\n",
+                           allowed_special={"<|im_start|>", "<|im_end|>"})
 
 def token_strings(tok):
     """Each id's exact token string, as bytes: what the text route maps vocabularies by."""
