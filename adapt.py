@@ -211,16 +211,16 @@ def main():
     os.makedirs(c.out_dir, exist_ok=True)
     path = lambda *p: os.path.join(c.out_dir, *p)
     rows = data.check_audio(data.read_manifest(c.manifest))
-    if len(rows) < c.held_out + 4:
-        raise ValueError(f"{c.manifest}: {len(rows)} clips; the recipe needs more than "
-                         f"held_out={c.held_out} + 4")
+    n_held = min(c.held_out, len(rows) // 5)  # a small folder keeps 4/5 of its clips to learn on
+    if n_held < 1 or len(rows) - n_held < 4:
+        raise ValueError(f"{c.manifest}: {len(rows)} clips; the recipe needs at least 5")
 
     # 1. split the clips (a fixed shuffle: the same slices on every run)
     order = list(range(len(rows)))
     random.Random(0).shuffle(order)
-    rest = order[c.held_out:]
+    rest = order[n_held:]
     n_td = max(2, round(c.td_share * len(rest)))
-    parts = {"held_out": [rows[k] for k in order[:c.held_out]],
+    parts = {"held_out": [rows[k] for k in order[:n_held]],
              "td_audio": [rows[k] for k in rest[:n_td]], "opd": [rows[k] for k in rest[n_td:]]}
     if not parts["opd"]:
         raise ValueError(f"{c.manifest}: no clips left for OPD (td_share={c.td_share})")

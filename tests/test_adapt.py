@@ -176,7 +176,7 @@ def test_recipe_end_to_end_and_export(folder, weights, tmp_path):
     data.write_manifest(os.path.join(out, "some.jsonl"), rows[:14])  # toy size
     p = subprocess.run([sys.executable, "adapt.py", "config/adapt_my_audio.py",
                         f"--manifest={os.path.join(out, 'some.jsonl')}", f"--out_dir={run}",
-                        f"--teacher={os.path.join(weights, 'tiny.en')}", "--held_out=3",
+                        f"--teacher={os.path.join(weights, 'tiny.en')}", "--held_out=2",
                         "--td_iters=2", "--opd_iters=1", "--evals=1", "--batch_size=4",
                         "--max_new_tokens=24"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -184,7 +184,7 @@ def test_recipe_end_to_end_and_export(folder, weights, tmp_path):
     assert list(res["table"]) == ["teacher", "untrained student", "td", "td+opd"]
     assert res["table"]["teacher"]["vs_teacher"][0] == 0.0  # its own transcripts
     assert res["chosen"] in ("td", "opd") and "| td+opd |" in p.stdout
-    assert len(data.read_manifest(os.path.join(run, "opd.jsonl"))) == 14 - 3 - 6
+    assert len(data.read_manifest(os.path.join(run, "opd.jsonl"))) == 14 - 2 - 6
     student, tok, ckpt = checkpoint.load_checkpoint(os.path.join(run, res["chosen"], "ckpt.pt"))
     assert ckpt["best_val_wer"] == res["best_val_wer"][res["chosen"]]
     clip = data.load_audio(rows[0]["audio"])
