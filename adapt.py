@@ -24,6 +24,7 @@ The recipe needs no transcript (the paper's promise), top to bottom:
    bootstrap intervals, and decode speed (encoder included) -> out_dir/results.{json,md}.
 Each stage is skipped when its output exists, so a stopped run goes on where it stopped.
 """
+import importlib.util
 import json
 import os
 import random
@@ -264,10 +265,14 @@ def main():
     best = {s: torch.load(path(s, "ckpt.pt"), map_location="cpu", weights_only=True)
             ["best_val_wer"] for s in ("td", "opd")}
     chosen = min(best, key=best.get)
-    student, student_tok, _ = load_checkpoint(path(chosen, "ckpt.pt"))
+    student = load_checkpoint(path(chosen, "ckpt.pt"))[0]
     files = export(student, tok, path("export"))
     print(f"the student: {chosen}'s weights (val WER {100 * best[chosen]:.2f}% on {val}; "
           f"td {100 * best['td']:.2f}%, opd {100 * best['opd']:.2f}%) -> {', '.join(files)}")
+    for module, use, pip in (("whisper", "whisper.pt", "openai-whisper"),
+                             ("faster_whisper", "ct2/", "faster-whisper")):
+        if importlib.util.find_spec(module) is None:  # written all the same, for later
+            print(f"note: {use} is for {module}, not installed here (pip install {pip})")
 
     # 6. the table, on the held-out slice
     held = data.read_manifest(path("held_out.jsonl"))
