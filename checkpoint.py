@@ -75,42 +75,48 @@ def read_ct2(path):
         variables[alias] = variables[target]
     return spec, variables
 
-def _ct2_state_dict(variables):
-    """CTranslate2 Whisper variables -> openai-whisper state dict (fused QKV / KV split)."""
-    sd = {}
-    def linear(ours, theirs, w="/weight", b="/bias"):
-        sd[ours + ".weight"], sd[ours + ".bias"] = variables[theirs + w], variables[theirs + b]
-    ln = lambda ours, theirs: linear(ours, theirs, "/gamma", "/beta")
-    def fused(ours, theirs, parts):
-        w = variables[theirs + "/weight"].chunk(len(parts))
-        b = variables[theirs + "/bias"].chunk(len(parts))
-        for name, wi, bi in zip(parts, w, b):
-            sd[f"{ours}.{name}.weight"] = wi
-            if name != "key":  # Whisper's key has no bias
-                sd[f"{ours}.{name}.bias"] = bi
-    layers = lambda side: {k.split("/")[1] for k in variables if re.match(side + r"/layer_\d+/", k)}
-    n_enc, n_dec = len(layers("encoder")), len(layers("decoder"))
+def ct2_layout(n_enc, n_dec):
+    """(our name, CTranslate2's name, parts) of each linear and layer norm of a Whisper
+    model.bin; with parts, the parts' linears are stacked in one (Whisper's key has no bias:
+    CTranslate2 holds zeros for it)."""
     for side, n in (("encoder", n_enc), ("decoder", n_dec)):
         for i in range(n):
             ours, theirs = f"{side}.blocks.{i}", f"{side}/layer_{i}"
-            fused(ours + ".attn", theirs + "/self_attention/linear_0", ("query", "key", "value"))
-            linear(ours + ".attn.out", theirs + "/self_attention/linear_1")
-            ln(ours + ".attn_ln", theirs + "/self_attention/layer_norm")
+            yield ours + ".attn", theirs + "/self_attention/linear_0", ("query", "key", "value")
+            yield ours + ".attn.out", theirs + "/self_attention/linear_1", ()
+            yield ours + ".attn_ln", theirs + "/self_attention/layer_norm", ()
             if side == "decoder":
-                linear(ours + ".cross_attn.query", theirs + "/attention/linear_0")
-                fused(ours + ".cross_attn", theirs + "/attention/linear_1", ("key", "value"))
-                linear(ours + ".cross_attn.out", theirs + "/attention/linear_2")
-                ln(ours + ".cross_attn_ln", theirs + "/attention/layer_norm")
-            linear(ours + ".mlp.0", theirs + "/ffn/linear_0")
-            linear(ours + ".mlp.2", theirs + "/ffn/linear_1")
-            ln(ours + ".mlp_ln", theirs + "/ffn/layer_norm")
-    linear("encoder.conv1", "encoder/conv1")
-    linear("encoder.conv2", "encoder/conv2")
-    ln("encoder.ln_post", "encoder/layer_norm")
-    sd["encoder.positional_embedding"] = variables["encoder/position_encodings/encodings"]
-    sd["decoder.token_embedding.weight"] = variables["decoder/embeddings/weight"]
-    sd["decoder.positional_embedding"] = variables["decoder/position_encodings/encodings"]
-    ln("decoder.ln", "decoder/layer_norm")
+                yield ours + ".cross_attn.query", theirs + "/attention/linear_0", ()
+                yield ours + ".cross_attn", theirs + "/attention/linear_1", ("key", "value")
+                yield ours + ".cross_attn.out", theirs + "/attention/linear_2", ()
+                yield ours + ".cross_attn_ln", theirs + "/attention/layer_norm", ()
+            yield ours + ".mlp.0", theirs + "/ffn/linear_0", ()
+            yield ours + ".mlp.2", theirs + "/ffn/linear_1", ()
+            yield ours + ".mlp_ln", theirs + "/ffn/layer_norm", ()
+    yield from (("encoder.conv1", "encoder/conv1", ()), ("encoder.conv2", "encoder/conv2", ()),
+                ("encoder.ln_post", "encoder/layer_norm", ()),
+                ("decoder.ln", "decoder/layer_norm", ()))
+
+def ct2_suffixes(theirs):  # a layer norm's weight and bias are its gamma and beta
+    return ("/gamma", "/beta") if theirs.endswith("layer_norm") else ("/weight", "/bias")
+
+CT2_TENSORS = {"encoder.positional_embedding": "encoder/position_encodings/encodings",
+               "decoder.token_embedding.weight": "decoder/embeddings/weight",
+               "decoder.positional_embedding": "decoder/position_encodings/encodings"}
+
+def _ct2_state_dict(variables):
+    """CTranslate2 Whisper variables -> openai-whisper state dict (fused QKV / KV split)."""
+    layers = lambda side: {k.split("/")[1] for k in variables if re.match(side + r"/layer_\d+/", k)}
+    n_enc, n_dec = len(layers("encoder")), len(layers("decoder"))
+    sd = {ours: variables[theirs] for ours, theirs in CT2_TENSORS.items()}
+    for ours, theirs, parts in ct2_layout(n_enc, n_dec):
+        w, b = (variables[theirs + x] for x in ct2_suffixes(theirs))
+        if not parts:
+            sd[ours + ".weight"], sd[ours + ".bias"] = w, b
+        for name, wi, bi in zip(parts, w.chunk(len(parts) or 1), b.chunk(len(parts) or 1)):
+            sd[f"{ours}.{name}.weight"] = wi
+            if name != "key":  # Whisper's key has no bias
+                sd[f"{ours}.{name}.bias"] = bi
     conv1, text_pos = sd["encoder.conv1.weight"], sd["decoder.positional_embedding"]
     dims = ModelDimensions(
         n_mels=conv1.shape[1], n_audio_ctx=sd["encoder.positional_embedding"].shape[0],
@@ -143,37 +149,13 @@ CT2_SCALARS = {"decoder/activation": (1, 3), "decoder/alibi": (1, 0),
 def write_ct2(model, path):
     """A Whisper model as CTranslate2's model.bin (float32; the format read_ct2 reads)."""
     sd, d = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}, model.dims
-    var = {}
-    def linear(theirs, ours, w="/weight", b="/bias"):
-        var[theirs + w] = sd[ours + ".weight"]
-        var[theirs + b] = sd.get(ours + ".bias", torch.zeros(len(sd[ours + ".weight"])))
-    def fused(theirs, ours, parts):
-        ws = [sd[f"{ours}.{p}.weight"] for p in parts]
-        var[theirs + "/weight"] = torch.cat(ws)
-        var[theirs + "/bias"] = torch.cat([sd.get(f"{ours}.{p}.bias", torch.zeros(len(w)))
-                                           for p, w in zip(parts, ws)])
-    ln = lambda theirs, ours: linear(theirs, ours, "/gamma", "/beta")
-    for side, n in (("encoder", d.n_audio_layer), ("decoder", d.n_text_layer)):
-        for i in range(n):
-            theirs, ours = f"{side}/layer_{i}", f"{side}.blocks.{i}"
-            fused(theirs + "/self_attention/linear_0", ours + ".attn", ("query", "key", "value"))
-            linear(theirs + "/self_attention/linear_1", ours + ".attn.out")
-            ln(theirs + "/self_attention/layer_norm", ours + ".attn_ln")
-            if side == "decoder":
-                linear(theirs + "/attention/linear_0", ours + ".cross_attn.query")
-                fused(theirs + "/attention/linear_1", ours + ".cross_attn", ("key", "value"))
-                linear(theirs + "/attention/linear_2", ours + ".cross_attn.out")
-                ln(theirs + "/attention/layer_norm", ours + ".cross_attn_ln")
-            linear(theirs + "/ffn/linear_0", ours + ".mlp.0")
-            linear(theirs + "/ffn/linear_1", ours + ".mlp.2")
-            ln(theirs + "/ffn/layer_norm", ours + ".mlp_ln")
-    linear("encoder/conv1", "encoder.conv1")
-    linear("encoder/conv2", "encoder.conv2")
-    ln("encoder/layer_norm", "encoder.ln_post")
-    ln("decoder/layer_norm", "decoder.ln")
-    var["encoder/position_encodings/encodings"] = sd["encoder.positional_embedding"]
-    var["decoder/position_encodings/encodings"] = sd["decoder.positional_embedding"]
-    var["decoder/embeddings/weight"] = sd["decoder.token_embedding.weight"]
+    var = {theirs: sd[ours] for ours, theirs in CT2_TENSORS.items()}
+    for ours, theirs, parts in ct2_layout(d.n_audio_layer, d.n_text_layer):
+        names = [f"{ours}.{p}" for p in parts] or [ours]
+        w, b = ct2_suffixes(theirs)
+        var[theirs + w] = torch.cat([sd[n + ".weight"] for n in names])
+        var[theirs + b] = torch.cat([sd.get(n + ".bias", torch.zeros(len(sd[n + ".weight"])))
+                                     for n in names])
     string = lambda t: struct.pack("<H", len(t.encode()) + 1) + t.encode() + b"\0"
     scalars = dict(CT2_SCALARS, **{"encoder/num_heads": (2, d.n_audio_head),
                                     "decoder/num_heads": (2, d.n_text_head)})

@@ -69,14 +69,11 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
     Returns (tokens, ended) in the order of rows: the token ids without prompt and EOT, and whether
     EOT was reached. Rows are batched by prompt (language) and sorted by duration; mels are padded
     like data.Batches does. Whisper weights get transcribe()'s features: a clip up to 30 s is one
-    window (n_frames=3000, data.whisper_mel), a longer one goes through
-    transcribe_long (greedy, whatever beam and temperature say). Our models refuse a
-    clip longer than their encoder takes (a ValueError naming it), or with truncate=True cut it
-    there. encode(mel, paths): the encoder
-    output (an EncoderCache, say; not used for long clips); by default model.encoder. done:
-    a dict to fill with row index -> (tokens, ended) as rows finish (kept if a later clip fails).
-    check_speech (Whisper weights): transcribe()'s no-speech check, silence and noise get no
-    words (longform.no_speech)."""
+    window (n_frames=3000, data.whisper_mel), a longer one goes through transcribe_long (greedy),
+    check_speech: its no-speech check (longform.no_speech). Our models refuse a clip longer than
+    their encoder takes (a ValueError naming it), or with truncate=True cut it there. encode(mel,
+    paths): the encoder output (an EncoderCache, say; not for long clips), by default
+    model.encoder. done: a dict to fill with row index -> (tokens, ended) as rows finish."""
     if beam > 1 and temperature > 0:
         raise ValueError("decode: beam search or sampling, not both")
     audio_llm = isinstance(model, AudioLLM)
