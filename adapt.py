@@ -126,8 +126,8 @@ def segment(folder, out_dir, max_seconds=30.0, lang="en"):
                                                             for r in kept):
             done = state[rel]  # done before: nothing to redo
         else:
-            for r in kept:
-                os.remove(r["audio"]) if os.path.exists(r["audio"]) else None
+            for r in (r for r in kept if os.path.exists(r["audio"])):  # the file changed
+                os.remove(r["audio"])
             try:
                 x = data.load_audio(path, max_seconds=float("inf"))
                 spans, cuts = cut(x, max_seconds)
