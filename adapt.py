@@ -290,7 +290,8 @@ def main():
         table[name] = dict(vs_teacher=wer([r["text"] for r in held], hyps),
                            vs_labels=wer([r.get("label") for r in held], hyps),
                            rtfx=sum(r["duration"] for r in held) / wall,
-                           params=sum(p.numel() for p in model.parameters()))
+                           params=sum(p.numel() for p in model.parameters()),
+                           hyps=hyps)  # per clip, for paired comparisons later
     lines = [f"held-out slice: {len(held)} clips, {sum(r['duration'] for r in held) / 60:.1f} "
              f"min; the student is {chosen}'s weights", "",
              "| model | WER vs teacher % [95% CI] | WER vs labels % [95% CI] | RTFx | params |",
