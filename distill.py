@@ -88,7 +88,7 @@ config_keys = [k for k, v in globals().items()
 LOSSES = ('topk_union', 'fkl', 'rkl', 'jsd', 'pg')
 STATS = ('loss', 'kl_st', 'kl_ts', 'kl_positions', 'vuss', 'overlap', 'positions', 'rollout_len',
          'ended', 'looped', 'rollouts', 't_rollout', 't_teacher', 't_step', 'mismatch', 'unmapped',
-         'dropped')  # summed over steps and ranks between log lines
+         'topk_ids', 'truncated')  # summed over steps and ranks between log lines
 
 @dataclass(frozen=True)
 class Step:
@@ -155,20 +155,22 @@ def rollout(model, tok, xa, prompts, max_lens, hp, topk=0, generator=None, xa_ma
 def retokenize(seqs, s_tok, t_tok, t2s):
     """The rollout as a teacher with another tokenizer reads it: decoded to text, encoded by the
     teacher, and those tokens mapped back to student ids (what the student is re-scored on) ->
-    (teacher ids, student ids, dropped). A rollout holding a teacher token that no student token
-    spells is dropped: it comes back empty and nothing of it is scored."""
+    (teacher ids, student ids, cut). As the paper does, a rollout is cut before the first teacher
+    token that no student token spells (cut: True there; the rest is not scored, nor its stop)."""
     t_seqs = [t_tok.encode_text(text) if (text := s_tok.decode(s)) else [] for s in seqs]
     s_seqs = [t2s[torch.tensor(t, dtype=torch.long)].tolist() for t in t_seqs]
-    dropped = [min(s, default=0) < 0 for s in s_seqs]
-    blank = lambda xs: [[] if d else x for x, d in zip(xs, dropped)]
-    return blank(t_seqs), blank(s_seqs), dropped
+    ends = [s.index(-1) if -1 in s else len(s) for s in s_seqs]
+    return ([t[:n] for t, n in zip(t_seqs, ends)], [s[:n] for s, n in zip(s_seqs, ends)],
+            [n < len(s) for s, n in zip(s_seqs, ends)])
 
-def retokenized_topk(S, tokens, mask, top_s, seqs, s_seqs, dropped, k, hp):
+def retokenized_topk(S, tokens, mask, top_s, seqs, s_seqs, ended, k, hp):
     """The student's top-k ids at each scored position after retokenize: the rollout's, or
-    recomputed where the teacher's segmentation differs (the rollout's rows would be misaligned)."""
+    recomputed where the teacher's segmentation differs (the rollout's rows would be misaligned).
+    As the paper's support, the stop token is left out (id -2: no token) except at the position
+    where the rollout generated it."""
     n = mask.sum(1).tolist()
     top = [t[:n[b]].to(tokens.device) for b, t in enumerate(top_s)]
-    redo = [b for b, (s, q, d) in enumerate(zip(s_seqs, seqs, dropped)) if s != q and not d]
+    redo = [b for b, (s, q) in enumerate(zip(s_seqs, seqs)) if s != q[:len(s)]]
     if redo:
         with torch.no_grad(), common.autocast(tokens.device.type, hp.dtype, hp.cpu_bf16):
             m = None if S.xa_mask is None else S.xa_mask[redo]
@@ -176,6 +178,10 @@ def retokenized_topk(S, tokens, mask, top_s, seqs, s_seqs, dropped, k, hp):
                                     S.tok.suppress)
         for b, t in zip(redo, lp.topk(k, dim=-1).indices):
             top[b] = t[mask[b]]
+    for b, t in enumerate(top):
+        stop = t == S.tok.eot
+        stop[-1:] &= not ended[b]
+        top[b] = t.masked_fill(stop, -2)
     return top
 
 def pack(prompts, seqs, ended, eot):
@@ -307,10 +313,10 @@ def opd_step(S, T, rescore, max_lens, hp, maps=None, generator=None, full_diag=F
     seqs, ended, top_s = rollout(S.model, S.tok, S.xa, S.prompts, max_lens, hp,
                                  k if union_only else 0, generator, S.xa_mask)
     t_seqs = s_seqs = seqs
-    dropped = [False] * B
+    cut = [False] * B
     if maps is not None:  # another tokenizer: the teacher reads the rollout as text
-        t_seqs, s_seqs, dropped = retokenize(seqs, S.tok, T.tok, maps[0])
-    kept_ended = [e and not d for e, d in zip(ended, dropped)]
+        t_seqs, s_seqs, cut = retokenize(seqs, S.tok, T.tok, maps[0])
+    kept_ended = [e and not c for e, c in zip(ended, cut)]
     tokens_t, targets_t = (t.to(dev) for t in pack(T.prompts, t_seqs, kept_ended, T.tok.eot))
     tokens_s, targets_s = (t.to(dev) for t in pack(S.prompts, s_seqs, kept_ended, S.tok.eot))
     mask_t, mask_s = targets_t != -100, targets_s != -100  # every token, and EOT where it ended
@@ -323,7 +329,7 @@ def opd_step(S, T, rescore, max_lens, hp, maps=None, generator=None, full_diag=F
     t2 = now(dev)
     if union_only:
         ids_s = top_s if maps is None else retokenized_topk(S, tokens_s, mask_s, top_s, seqs,
-                                                             s_seqs, dropped, k, hp)
+                                                             s_seqs, kept_ended, k, hp)
         union, valid, dup = union_support(torch.cat(ids_s).to(dev), lp_t, k, *(maps or ()))
         # 3. student re-scores the same tokens, with gradients: only the logits of U_t's 2k ids.
         # Renormalising on U_t cancels log Z, so this is the loss on full log-probabilities
@@ -357,14 +363,14 @@ def opd_step(S, T, rescore, max_lens, hp, maps=None, generator=None, full_diag=F
             ul = unlikelihood(lp_s.gather(1, x[:, None]).squeeze(1))
         per_pos, ok = torch.where(loop, hp.loop_unlikelihood * ul, per_pos), ok | loop
     # diagnostics: VUSS (valid tokens in U_t) and overlap |S top-k & T top-k| / k; across
-    # tokenizers the rollouts segmented otherwise, dropped, and the teacher ids with no student id
+    # tokenizers the rollouts segmented otherwise, those cut, the teacher's top-k ids unmapped
     stats = dict(vuss=valid.sum().item(), overlap=dup.float().mean(1).sum().item(),
                  positions=len(x), rollout_len=sum(map(len, seqs)), ended=sum(ended),
                  rollouts=B, looped=sum(looped(s, e, hp.ngram_stop) for s, e in zip(seqs, ended)),
                  t_rollout=t1 - t0, t_teacher=t2 - t1)
     if maps is not None:
-        stats.update(mismatch=sum(d or s != q for s, q, d in zip(s_seqs, seqs, dropped)),
-                     dropped=sum(dropped), unmapped=(k * len(x) - mapped.sum()).item())
+        stats.update(mismatch=sum(s != q for s, q in zip(s_seqs, seqs)), truncated=sum(cut),
+                     unmapped=(k * len(x) - mapped.sum()).item(), topk_ids=k * len(x))
     if full_diag:  # the full-vocabulary KLs, over the student's vocabulary
         with torch.no_grad():
             lp_s = S.model.decoder(tokens_s, S.xa, xa_mask=S.xa_mask)[mask_s]
@@ -433,9 +439,10 @@ def log_record(s, steps, across):
               'eot_frac': s['ended'] / ro, 'loop_frac': s['looped'] / ro,
               'ms_rollout': 1000 * s['t_rollout'] / steps,
               'ms_teacher': 1000 * s['t_teacher'] / steps, 'ms_step': 1000 * s['t_step'] / steps}
-    if across:  # rollouts the teacher segments otherwise, teacher ids with no student id, drops
+    if across:  # rollouts the teacher segments otherwise, teacher ids with no student id, cuts
         record.update(retokenize_mismatch_ratio=s['mismatch'] / ro,
-                      unmapped=s['unmapped'] / steps, dropped_rollouts=s['dropped'])
+                      unmapped_share=s['unmapped'] / max(s['topk_ids'], 1),
+                      truncated_rollouts=s['truncated'])
     return record
 
 def main():

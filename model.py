@@ -155,8 +155,7 @@ class TextDecoder(nn.Module):
         """tokens: (B, L) -> logits (B, L, n_vocab), with a kv_cache the new positions only.
         project: as in tied_output; xa_mask: (B, S) True at the real audio frames
         (AudioEncoder.frames_mask), or None."""
-        attn = self.blocks[0].attn
-        offset = kv_cache[attn][0].shape[2] if kv_cache and attn in kv_cache else 0
+        offset = cached(kv_cache, self.blocks[0].attn)
         pos = self.positional_embedding[offset:offset + tokens.shape[1]]
         x = (self.token_embedding(tokens) + pos).to(xa.dtype)
         for block in self.blocks:
@@ -193,7 +192,8 @@ class SpeechModel(nn.Module):
         T_a = math.ceil(n_frames / d.conv_stride)
         T_x = T_a if isinstance(self.decoder, TextDecoder) else 0  # cross-attention's keys
         enc_params = self.get_num_params('encoder')
-        dec_params = self.get_num_params('decoder') - self.decoder.positional_embedding.numel()
+        pe = getattr(self.decoder, 'positional_embedding', None)  # LLaMA: RoPE, none
+        dec_params = self.get_num_params('decoder') - (0 if pe is None else pe.numel())
         enc = T_a * (6 * enc_params + 12 * d.n_audio_layer * d.n_audio_state * T_a)
         dec = n_tokens * (6 * dec_params + 12 * d.n_text_layer * d.n_text_state * (n_tokens + T_x))
         return enc + dec
@@ -274,8 +274,14 @@ MERGE = 4  # encoder frames concatenated into one audio token
 @dataclass
 class AudioLLMDimensions(ModelDimensions):
     """Whisper's fields (n_text_*: the causal LM; n_text_ctx: its whole sequence, prompt, audio
-    tokens and text), plus the id of <|audio|>: the adapter's outputs take its places."""
+    tokens and text), plus the id of <|audio|>: the adapter's outputs take its places. n_kv_head > 0:
+    the LM is a pretrained LLaMA (LlamaAudioLM; n_text_*: its width, heads, blocks, positions), not
+    Whisper blocks, and the last four fields are those of its LlamaDimensions."""
     audio_token: int = 50259
+    n_kv_head: int = 0
+    n_mlp: int = 0
+    rope_base: float = 100000.0
+    norm_eps: float = 1e-5
 
 def audio_tokens(mel_frames):
     """The paper's count: floor((mel_frames + 1) / 2) // 4 (the encoder halves the frames, the
@@ -306,6 +312,37 @@ class Adapter(nn.Module):
         x = F.pad(x, (0, 0, 0, MERGE - S)) if S < MERGE else x[:, :n * MERGE]
         return self.fc2(F.gelu(self.fc1(x.reshape(B, n, MERGE * C))))
 
+def cached(kv_cache, attn):
+    """How many positions kv_cache already holds (0 without one)."""
+    return kv_cache[attn][0].shape[2] if kv_cache and attn in kv_cache else 0
+
+def prompt_positions(tokens, offset, pad_mask=None):
+    """The positions (B, L) of tokens after offset cached ones, and the attention mask (B, L, Tk)
+    or None (plain causal). pad_mask (B, P): True at the real tokens of left-padded prompts:
+    positions count real tokens only, and a pad sees itself only."""
+    B, L = tokens.shape
+    pos = torch.arange(offset, offset + L, device=tokens.device).expand(B, L)
+    if pad_mask is None:
+        return pos, None
+    valid = F.pad(pad_mask, (0, offset + L - pad_mask.shape[1]), value=True)
+    k = torch.arange(offset + L, device=tokens.device)
+    q = k[offset:, None]
+    return (valid.cumsum(1) - 1).clamp(min=0)[:, offset:], (valid[:, None, :] & (k <= q)) | (k == q)
+
+def embed_audio(lm, tokens, xa, xa_mask=None):
+    """lm's token embeddings, with row b's first n_b adapter outputs at its n_b <|audio|> slots."""
+    x = lm.token_embedding(tokens)
+    slots = tokens == lm.audio_token
+    if slots.any():
+        audio = lm.adapter(xa, xa_mask)
+        n = slots.sum(1)
+        if (n > audio.shape[1]).any():
+            raise ValueError(f"audio-LLM: {n.max().item()} <|audio|> slots but "
+                             f"{audio.shape[1]} audio tokens")
+        take = torch.arange(audio.shape[1], device=tokens.device)[None, :] < n[:, None]
+        x = x.masked_scatter(slots[..., None], audio[take].to(x.dtype))
+    return x
+
 class AudioLM(nn.Module):
     """The adapter and a decoder-only causal LM: Whisper's decoder blocks without cross-attention,
     learned positions, tied output embedding. Its forward takes TextDecoder's arguments (xa: the
@@ -322,40 +359,19 @@ class AudioLM(nn.Module):
                                      for _ in range(d.n_text_layer)])
         self.ln = nn.LayerNorm(d.n_text_state)
 
-    def embed(self, tokens, xa, xa_mask=None):
-        """Token embeddings, with row b's first n_b adapter outputs at its n_b <|audio|> slots."""
-        x = self.token_embedding(tokens)
-        slots = tokens == self.audio_token
-        if slots.any():
-            audio = self.adapter(xa, xa_mask)
-            n = slots.sum(1)
-            if (n > audio.shape[1]).any():
-                raise ValueError(f"audio-LLM: {n.max().item()} <|audio|> slots but "
-                                 f"{audio.shape[1]} audio tokens")
-            take = torch.arange(audio.shape[1], device=tokens.device)[None, :] < n[:, None]
-            x = x.masked_scatter(slots[..., None], audio[take].to(x.dtype))
-        return x
-
     def forward(self, tokens, xa, kv_cache=None, project=True, xa_mask=None, pad_mask=None):
         """tokens (B, L) -> logits (B, L, n_vocab), with a kv_cache the new positions only.
         Right-padded rows (teacher forcing) need no mask: causal attention keeps the padding out of
         the real positions. pad_mask (B, P): True at the real tokens of left-padded prompts (P
         first positions; AudioLLM.generate): pads are masked, positions count the real tokens."""
-        B, L = tokens.shape
-        attn = self.blocks[0].attn
-        offset = kv_cache[attn][0].shape[2] if kv_cache and attn in kv_cache else 0
-        n_ctx = len(self.positional_embedding)
+        L, n_ctx = tokens.shape[1], len(self.positional_embedding)
+        offset = cached(kv_cache, self.blocks[0].attn)
         if offset + L > n_ctx:  # Whisper's learned positions end at 448: no extension (see README)
             raise ValueError(f"audio-LLM: {offset + L} positions, more than its n_text_ctx of "
                              f"{n_ctx} (a clip too long for the student, or too many tokens)")
-        pos, mask = torch.arange(offset, offset + L, device=tokens.device).expand(B, L), None
-        if pad_mask is not None:
-            valid = F.pad(pad_mask, (0, offset + L - pad_mask.shape[1]), value=True)
-            pos = (valid.cumsum(1) - 1).clamp(min=0)[:, offset:]
-            k = torch.arange(offset + L, device=tokens.device)
-            q = k[offset:, None]
-            mask = (valid[:, None, :] & (k <= q)) | (k == q)  # (B, L, Tk): a pad sees itself only
-        x = (self.embed(tokens, xa, xa_mask) + self.positional_embedding[pos]).to(xa.dtype)
+        pos, mask = prompt_positions(tokens, offset, pad_mask)
+        x = embed_audio(self, tokens, xa, xa_mask) + self.positional_embedding[pos]
+        x = x.to(xa.dtype)
         for block in self.blocks:
             x = block(x, causal=mask is None, kv_cache=kv_cache, mask=mask)
         return tied_output(self.ln(x), self.token_embedding, project)
@@ -370,7 +386,7 @@ class AudioLLM(SpeechModel):
         self.dims = d = dims
         self.encoder = AudioEncoder(d.n_mels, d.n_audio_ctx, d.n_audio_state, d.n_audio_head,
                                     d.n_audio_layer, d.conv_stride)  # frozen: no dropout
-        self.decoder = AudioLM(d)
+        self.decoder = LlamaAudioLM(d) if d.n_kv_head else AudioLM(d)
         self.ctc_head = None  # train.py's ctc_weight may add one
         self.apply(self._init_weights)
 
@@ -492,8 +508,9 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(dims.n_state, dims.n_kv_head * hs, bias=False)
         self.o_proj = nn.Linear(dims.n_head * hs, dims.n_state, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        """cos, sin: (T, hs) at x's positions; kv_cache: the earlier positions' keys and values."""
+    def forward(self, x, cos, sin, kv_cache=None, mask=None):
+        """cos, sin: (T, hs) or (B, 1, T, hs) at x's positions; kv_cache: the earlier positions'
+        keys and values; mask: (B, T, Tk) True where a query sees a key (None: causal)."""
         B, T, _ = x.shape
         split = lambda y, h: y.view(B, T, h, -1).transpose(1, 2)  # (B, h, T, hs)
         q = apply_rope(split(self.q_proj(x), self.n_head), cos, sin)
@@ -503,10 +520,12 @@ class LlamaAttention(nn.Module):
             if self in kv_cache:  # append the new positions to the cached ones
                 k, v = (torch.cat(pair, dim=2) for pair in zip(kv_cache[self], (k, v)))
             kv_cache[self] = (k, v)
-        Tk, mask = k.shape[2], None
-        if 1 < T < Tk:  # new tokens after a cached prefix: each sees it and the new ones before it
+        Tk, causal = k.shape[2], mask is None and 1 < T == k.shape[2]
+        if mask is not None:
+            mask = mask[:, None]
+        elif 1 < T < Tk:  # new tokens after a cached prefix: each sees it and the new ones before
             mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
-        y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=1 < T == Tk, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
 class LlamaMLP(nn.Module):  # SwiGLU
@@ -527,8 +546,8 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(dims.n_state, eps=dims.norm_eps)
         self.mlp = LlamaMLP(dims.n_state, dims.n_mlp)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 class LlamaLM(nn.Module):
@@ -545,11 +564,43 @@ class LlamaLM(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, tokens=None, kv_cache=None, embeds=None):
+    def forward(self, tokens=None, kv_cache=None, embeds=None, positions=None, mask=None,
+                project=True):
+        """positions (B, T), mask (B, T, Tk): prompt_positions' (left-padded prompts), or None:
+        consecutive after the cache, causal. project: as in tied_output."""
         x = self.embed_tokens(tokens) if embeds is None else embeds
-        first = self.layers[0].self_attn
-        offset = kv_cache[first][0].shape[2] if kv_cache and first in kv_cache else 0
-        cos, sin = self.cos[offset:offset + x.shape[1]], self.sin[offset:offset + x.shape[1]]
+        if positions is None:
+            offset = cached(kv_cache, self.layers[0].self_attn)
+            cos, sin = self.cos[offset:offset + x.shape[1]], self.sin[offset:offset + x.shape[1]]
+        else:
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         for block in self.layers:
-            x = block(x, cos, sin, kv_cache)
-        return self.norm(x) @ self.embed_tokens.weight.T
+            x = block(x, cos.to(x.dtype), sin.to(x.dtype), kv_cache, mask)
+        return tied_output(self.norm(x), self.embed_tokens, project)
+
+class LlamaAudioLM(nn.Module):
+    """AudioLM's job on a pretrained LLaMA (AudioLLMDimensions with n_kv_head > 0): the adapter's
+    outputs at the <|audio|> slots of the LM's input embeddings, RoPE positions, tied output."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.audio_token = d.audio_token
+        self.adapter = Adapter(d.n_audio_state, d.n_text_state)
+        self.lm = LlamaLM(LlamaDimensions(d.n_vocab, d.n_text_ctx, d.n_text_state, d.n_text_head,
+                                          d.n_kv_head, d.n_text_layer, d.n_mlp, d.rope_base,
+                                          d.norm_eps))
+
+    @property
+    def token_embedding(self):  # what train.py and distill.py read as the tied output layer
+        return self.lm.embed_tokens
+
+    def forward(self, tokens, xa, kv_cache=None, project=True, xa_mask=None, pad_mask=None):
+        """As AudioLM.forward."""
+        L, n_ctx = tokens.shape[1], self.lm.dims.n_ctx
+        offset = cached(kv_cache, self.lm.layers[0].self_attn)
+        if offset + L > n_ctx:
+            raise ValueError(f"audio-LLM: {offset + L} positions, more than its n_text_ctx of "
+                             f"{n_ctx} (a clip too long for the student, or too many tokens)")
+        pos, mask = prompt_positions(tokens, offset, pad_mask)
+        x = embed_audio(self, tokens, xa, xa_mask).to(xa.dtype)
+        return self.lm(None, kv_cache, x, pos if pad_mask is not None else None, mask, project)

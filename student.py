@@ -1,15 +1,17 @@
 """
 Students made from a teacher's weights: make_student (distil-whisper's init: the teacher's encoder,
-maximally spaced decoder layers) and make_audio_llm (the paper's student shape: encoder -> adapter
--> a causal LM, on its own chat tokenizer).
+maximally spaced decoder layers), make_audio_llm (the paper's student shape: encoder -> adapter
+-> a causal LM made of the teacher's decoder layers, on a chat tokenizer) and make_chat_llm (the
+paper's student for real: encoder -> adapter -> a pretrained chat LLM, on the LLM's tokenizer).
 """
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from model import MERGE, AudioLLM, AudioLLMDimensions, Whisper
-from tokenizer import ChatTokenizer, token_map
+from checkpoint import load_gguf
+from model import MERGE, WHISPER_FIELDS, AudioLLM, AudioLLMDimensions, Whisper
+from tokenizer import ChatMLTokenizer, ChatTokenizer, GGUFTokenizer, token_map
 
 def spaced_layers(n, k):
     """k maximally spaced layer indices out of n, first and last always kept: (6, 2) -> [0, 5]."""
@@ -90,4 +92,33 @@ def make_audio_llm(teacher, tokenizer, n_layers=2, base=None):
     print(f"audio-LLM student: LM blocks from layers {layers} of the teacher's decoder (self-, "
           f"cross-attention), vocab {tok.n_vocab}; {student.get_num_params() / 1e6:.2f}M params, "
           f"trainable {n_train / 1e6:.2f}M")
+    return student, tok
+
+def make_chat_llm(teacher, gguf_path, n_layers=30, n_ctx=640):
+    """The paper's student shape on a pretrained chat LLM -> (AudioLLM, ChatMLTokenizer): the
+    teacher's encoder (frozen), a fresh adapter (the paper's init), and n_layers maximally spaced
+    blocks of the GGUF's LLaMA (all 30 of SmolLM2-135M-Instruct by default) with its final norm
+    and tied embeddings; the three audio tokens start as the mean embedding. n_ctx: the positions
+    kept (30 s of audio is 375 tokens; a looping transcript stops at the end of them)."""
+    lm, ld, meta = load_gguf(gguf_path)
+    tok, layers = ChatMLTokenizer(GGUFTokenizer(meta)), spaced_layers(ld.n_layer, n_layers)
+    whisper = {k: getattr(teacher.dims, k) for k in WHISPER_FIELDS if k.startswith('n_audio')}
+    student = AudioLLM(AudioLLMDimensions(
+        **whisper, n_mels=teacher.dims.n_mels, n_vocab=tok.n_vocab, n_text_ctx=n_ctx,
+        n_text_state=ld.n_state, n_text_head=ld.n_head, n_text_layer=len(layers),
+        audio_token=tok.audio, n_kv_head=ld.n_kv_head, n_mlp=ld.n_mlp, rope_base=ld.rope_base,
+        norm_eps=ld.norm_eps))
+    student.encoder.load_state_dict(teacher.encoder.state_dict())
+    target = student.decoder.lm
+    for i, layer in enumerate(layers):
+        target.layers[i].load_state_dict(lm.layers[layer].state_dict())
+    target.norm.load_state_dict(lm.norm.state_dict())
+    with torch.no_grad():
+        emb = lm.embed_tokens.weight
+        target.embed_tokens.weight.copy_(torch.cat([emb, emb.mean(0).expand(3, -1)]))
+    student.encoder.requires_grad_(False)
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    print(f"chat-LLM student: blocks {layers} of {ld.n_layer} of {gguf_path}, vocab "
+          f"{tok.n_vocab} ({tok.n_base} + {len(tok.AUDIO)} audio tokens); "
+          f"{student.get_num_params() / 1e6:.2f}M params, trainable {n_train / 1e6:.2f}M")
     return student, tok

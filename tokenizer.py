@@ -153,6 +153,8 @@ class GGUFTokenizer:
     (checkpoint.load_gguf's metadata). Its control tokens (<|im_start|>, <|im_end|>,
     <|endoftext|>, ...) are encoded only where allowed_special names them; eot is <|im_end|>."""
     SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+            "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id")
 
     def __init__(self, meta):
         import tiktoken
@@ -161,6 +163,7 @@ class GGUFTokenizer:
             raise ValueError(f"tokenizer {meta.get('tokenizer.ggml.model')!r}, pre-tokenizer "
                              f"{meta.get('tokenizer.ggml.pre')!r}: only gpt2 with smollm is read")
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        self.meta = {k: meta[k] for k in self.KEYS}  # what to_dict keeps
         self.n_vocab, ids = len(tokens), {t: i for i, t in enumerate(tokens)}
         self.specials = {t: i for i, t in enumerate(tokens) if types[i] == 3}  # 3: CONTROL
         self.ranks = {bytes(map(byte_of.get, t)): i for i, t in enumerate(tokens) if types[i] != 3}
@@ -191,10 +194,64 @@ class GGUFTokenizer:
                            f"{instruction}<|im_end|>\n<|im_start|>assistant\n",
                            allowed_special={"<|im_start|>", "<|im_end|>"})
 
+    def to_dict(self):
+        return {"kind": "gguf", "meta": self.meta}
+
+class ChatMLTokenizer:
+    """The pretrained chat LM student's tokenizer: the LM's own (a GGUFTokenizer) and three new
+    tokens for the audio. Prompt, ChatML without a system turn (SmolLM2's template would add its
+    default one: ~20 more tokens per clip that say nothing about audio):
+    <|im_start|>user\n<|begin_of_audio|> <|audio|> x N <|end_of_audio|>Transcribe this audio.
+    <|im_end|>\n<|im_start|>assistant\n, then the transcript and <|im_end|> (eot)."""
+    AUDIO = ("<|audio|>", "<|begin_of_audio|>", "<|end_of_audio|>")
+    INSTRUCTION = "Transcribe this audio."
+
+    def __init__(self, base):
+        self.base, self.n_base = base, base.n_vocab
+        self.specials = {name: self.n_base + i for i, name in enumerate(self.AUDIO)}
+        self.n_vocab = self.n_base + len(self.AUDIO)
+        self.audio, self.boa, self.eoa = self.specials.values()
+        chat = lambda text: base.encode(text, allowed_special={"<|im_start|>", "<|im_end|>"})
+        self.head = chat("<|im_start|>user\n")
+        self.tail = chat(f"{self.INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n")
+        self.sot, self.eot = self.head[0], base.eot
+        self.control = set(base.specials.values()) | set(self.specials.values())
+        self.suppress = sorted(self.control - {self.eot})
+        self.suppress_blank = base.encode(" ") + [self.eot]
+
+    def encode(self, text):
+        return self.base.encode(text)
+
+    def encode_text(self, text):
+        """A transcript after a space, as Whisper writes it: the answer's first token is then the
+        teacher's first token wherever the two vocabularies share it (" Why", not "Why")."""
+        return self.base.encode(" " + text.strip())
+
+    def decode(self, ids):
+        return self.base.decode([i for i in ids if i not in self.control])
+
+    def prompt(self, mel_frames=None):
+        """The student's prompt for a clip of mel_frames real frames (None: no audio slots)."""
+        n = 0 if mel_frames is None else audio_tokens(int(mel_frames))
+        return self.head + [self.boa] + [self.audio] * n + [self.eoa] + self.tail
+
+    def sot_sequence(self, language=None):
+        return self.prompt()
+
+    def to_dict(self):
+        return {"kind": "chatml", "base": self.base.to_dict()}
+
 def token_strings(tok):
     """Each id's exact token string, as bytes: what the text route maps vocabularies by."""
     if isinstance(tok, ChatTokenizer):
         return token_strings(tok.base)[:tok.n_base] + [n.encode() for n in tok.ROLES]
+    if isinstance(tok, ChatMLTokenizer):
+        return token_strings(tok.base) + [n.encode() for n in tok.AUDIO]
+    if isinstance(tok, GGUFTokenizer):  # control tokens by their names, the rest by their bytes
+        strings = [None] * tok.n_vocab
+        for t, i in list(tok.ranks.items()) + [(n.encode(), i) for n, i in tok.specials.items()]:
+            strings[i] = t
+        return strings
     if isinstance(tok, WhisperTokenizer):
         return ([t for t, _ in sorted(tok.ranks.items(), key=lambda kv: kv[1])] +
                 [n.encode() for n in tok.specials])
@@ -219,6 +276,10 @@ def tokenizer_from_dict(d):
         return WhisperTokenizer.from_dict(d)
     if d['kind'] == 'chat':
         return ChatTokenizer(tokenizer_from_dict(d['base']))
+    if d['kind'] == 'gguf':
+        return GGUFTokenizer(d['meta'])
+    if d['kind'] == 'chatml':
+        return ChatMLTokenizer(tokenizer_from_dict(d['base']))
     raise ValueError(f"unknown tokenizer kind {d['kind']!r}")
 
 def _check_specials(path, ids_by_name, eot):

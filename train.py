@@ -29,7 +29,7 @@ import common
 import data
 import evaluate
 from checkpoint import load_checkpoint
-from student import make_audio_llm, make_student
+from student import make_audio_llm, make_chat_llm, make_student
 from tokenizer import tokenizer_from_dict
 from model import AudioLLM, ModelDimensions, Whisper, length_mask
 
@@ -42,7 +42,8 @@ log_interval = 10
 always_save_checkpoint = False  # False: save when val WER improves (or at the end if never)
 init_from = 'scratch'  # 'scratch', 'resume', or a path: Whisper weights or our checkpoint
 student_layers = 0  # > 0: train make_student(<init_from model>): its encoder frozen
-student = 'whisper'  # 'audio_llm': make_audio_llm(<init_from>, student_layers or 2)
+student = 'whisper'  # 'audio_llm': make_audio_llm(<init_from>, student_layers or 2); 'chat_llm':
+llm = 'smollm2'  # make_chat_llm(<init_from>, llm: a LLaMA .gguf or SmolLM2, student_layers or 30)
 freeze_embeddings = False  # token (= tied output) and position embeddings frozen too
 lm_lr_scale = 1.0  # the audio-LLM: its LM's learning rate as a share of the fresh adapter's
 encoder_cache_dir = ''  # a frozen encoder's outputs per clip kept here (Whisper's 30-s window only)
@@ -151,6 +152,8 @@ else:
     frozen = (ckpt or {}).get('frozen', [])  # a student's base row keeps its frozen parts
     if student == 'audio_llm':
         model, tokenizer = make_audio_llm(model, tokenizer, student_layers or 2)
+    elif student == 'chat_llm':
+        model, tokenizer = make_chat_llm(model, llm, student_layers or 30)
     elif student_layers > 0:
         model = make_student(model, student_layers)
     model = common.with_dropout(model, dropout)
@@ -160,7 +163,8 @@ else:
         Whisper._init_weights(model.ctc_head)
     if freeze_embeddings:
         model.decoder.token_embedding.requires_grad_(False)
-        model.decoder.positional_embedding.requires_grad_(False)
+        if hasattr(model.decoder, 'positional_embedding'):  # (RoPE has none)
+            model.decoder.positional_embedding.requires_grad_(False)
 frozen = common.freeze(model, frozen)
 dims = model.dims
 audio_llm = isinstance(model, AudioLLM)

@@ -17,7 +17,7 @@ import distill
 from checkpoint import load_checkpoint
 from data import Batches, SentencePieceTokenizer, read_manifest, write_manifest
 from distill import Rescore, Side, Step, length_bounds, masked_log_softmax, opd_step, rollout, union_support
-from model import MERGE, Adapter, AudioLLM, ModelDimensions, Whisper, audio_tokens, length_mask
+from model import MERGE, Adapter, mask_logits, embed_audio, AudioLLM, ModelDimensions, Whisper, audio_tokens, length_mask
 from student import make_audio_llm
 from tokenizer import ChatTokenizer, token_map, token_strings
 
@@ -118,7 +118,7 @@ def test_prompt_layout_puts_the_adapter_output_at_the_placeholders(toks):
     rows = [tok.prompt(f) + [5, 6] for f in frames]  # right-padded, as in training
     tokens = torch.tensor([r + [tok.eot] * (len(rows[0]) - len(r)) for r in rows])
     with torch.no_grad():
-        emb = student.decoder.embed(tokens, xa, m)
+        emb = embed_audio(student.decoder, tokens, xa, m)
         audio = student.decoder.adapter(xa, m)
         plain = student.decoder.token_embedding(tokens)
     for b, f in enumerate(frames):
@@ -202,39 +202,58 @@ def test_audio_llm_is_its_own_model_without_beam_search(toks):
 # -----------------------------------------------------------------------------
 # OPD through text
 
+def brute_greedy(student, tok, xa, m, prompt, bound, k):
+    """Greedy decoding one clip at a time without a KV cache: (tokens, ended, top-k ids a step)."""
+    seq, tops = list(prompt), []
+    for step in range(bound):
+        with torch.no_grad():
+            logits = student.decoder(torch.tensor([seq]), xa, xa_mask=m)[:, -1]
+        logits = mask_logits(logits, step, tok.suppress, tok.suppress_blank)
+        tops.append(logits.topk(k).indices[0].tolist())
+        if logits.argmax().item() == tok.eot:
+            return seq[len(prompt):], True, tops
+        seq.append(logits.argmax().item())
+    return seq[len(prompt):], False, tops
+
 def brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, k):
-    """The text route spelled out with python loops and dicts of token strings."""
+    """The text route spelled out with python loops and dicts of token strings: a rollout is cut
+    before its first teacher token with no student string; the student's support leaves its stop
+    token out except where the rollout generated it."""
     s_str, t_str = token_strings(s_tok), token_strings(t_tok)
     s_id = {t: i for i, t in enumerate(s_str)}
     to_s = lambda i: s_tok.eot if i == t_tok.eot else s_id.get(t_str[i], -1)
     to_t = lambda j: (t_tok.eot if j == s_tok.eot else
                       -1 if s_str[j] == t_str[t_tok.eot] else t_str.index(s_str[j])
                       if s_str[j] in t_str else -1)
-    s_prompts = [s_tok.prompt(f) for f in frames]
-    seqs, ended, top_s = rollout(student, s_tok, xa, s_prompts, BOUNDS, HP, k, xa_mask=m)
-    total, count, unmapped, dropped, mismatch = 0.0, 0, 0, 0, 0
+    total, count, stats = 0.0, 0, dict(unmapped=0, truncated=0, mismatch=0)
     for b in range(4):
-        t_seq = t_tok.encode_text(s_tok.decode(seqs[b]))
+        prompt = s_tok.prompt(frames[b])
+        seq, ended, tops = brute_greedy(student, s_tok, xa[b:b + 1], m[b:b + 1], prompt,
+                                        min(BOUNDS[b], HP.max_new_tokens), k)
+        text = s_tok.decode(seq)
+        t_seq = t_tok.encode_text(text) if text else []
         s_seq = [to_s(i) for i in t_seq]
-        mismatch += s_seq != seqs[b]
         if -1 in s_seq:
-            dropped += 1
-            continue
+            n = s_seq.index(-1)
+            s_seq, t_seq, ended = s_seq[:n], t_seq[:n], False
+            stats['truncated'] += 1
+        stats['mismatch'] += s_seq != seq
         t_in = t_tok.sot_sequence() + t_seq
-        s_in = s_prompts[b] + s_seq
+        s_in = prompt + s_seq
         with torch.no_grad():
             lp_t = masked_log_softmax(teacher.decoder(torch.tensor([t_in]), xa[b:b + 1],
                                                       xa_mask=m[b:b + 1])[0], t_tok.suppress)
             z_s = student.decoder(torch.tensor([s_in]), xa[b:b + 1], xa_mask=m[b:b + 1])[0]
-        n_t, n_s = len(t_tok.sot_sequence()), len(s_prompts[b])
-        for j in range(len(s_seq) + ended[b]):
+        n_t, n_s = len(t_tok.sot_sequence()), len(prompt)
+        for j in range(len(s_seq) + ended):
             t_row, s_row = lp_t[n_t - 1 + j], z_s[n_s - 1 + j]
-            if s_seq == seqs[b]:
-                S = top_s[b][j].tolist()
+            if s_seq == seq[:len(s_seq)]:
+                S = tops[j]
             else:
                 S = masked_log_softmax(s_row, s_tok.suppress).topk(k).indices.tolist()
+            S = [i for i in S if i != s_tok.eot or (ended and j == len(s_seq))]
             T = [to_s(i) for i in t_row.topk(k).indices.tolist()]
-            unmapped += T.count(-1)
+            stats['unmapped'] += T.count(-1)
             if len(T) - T.count(-1) < 2:
                 continue
             U = [i for i in dict.fromkeys(S + T)
@@ -245,7 +264,7 @@ def brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, k):
             ps = torch.softmax(torch.stack([s_row[i] for i in U]), 0)
             total += (pt * (pt.log() - ps.log())).sum().item()
             count += 1
-    return total, count, dict(unmapped=unmapped, dropped=dropped, mismatch=mismatch)
+    return total, count, stats
 
 def test_text_route_equals_brute_force_across_tokenizers(toks):
     """A SentencePiece student (64 pieces) and a teacher of a larger SentencePiece (90 pieces):
@@ -338,7 +357,7 @@ def test_empty_rollouts_score_nothing_and_still_backward(toks):
     total, n, stats = opd_step(S, Side(teacher, toks[0], xa, m, [toks[0].sot_sequence()] * 4),
                                Rescore(student), [0] * 4, HP, maps)
     assert stats['rollout_len'] == stats['positions'] == n == total.item() == 0
-    assert stats['mismatch'] == stats['dropped'] == 0
+    assert stats['mismatch'] == stats['truncated'] == 0
     total.backward()
     assert all(p.grad is not None for p in student.decoder.parameters() if p.requires_grad)
 
@@ -376,8 +395,8 @@ def test_ddp_rank_that_drops_every_rollout(tmp_path):
         port = s_.getsockname()[1]
     mp.spawn(_ddp_rank, args=(port, str(tmp_path / 'r')), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f'r.{r}', weights_only=False) for r in (0, 1))
-    assert r1['stats']['dropped'] == 4 and r1['stats']['positions'] == 0
-    assert r0['stats']['dropped'] == 0 and r0['stats']['positions'] > 10
+    assert r1['stats']['truncated'] == 4 and r1['stats']['positions'] == 0
+    assert r0['stats']['truncated'] == 0 and r0['stats']['positions'] > 10
     tok = CharTokenizer()
     teacher, student = tiny(3, 60, 0.3, n_text_ctx=40), tiny(4, 60, 0.3, n_text_ctx=40).train()
     with torch.no_grad():
