@@ -1,6 +1,6 @@
 """
 What train.py and distill.py share, written once: one-line errors, DDP setup and teardown, autocast,
-the learning-rate schedule, the batch loader that remembers its place, the cache of a frozen
+the learning-rate schedule, distil-whisper's loss, the batch loader that remembers its place, the cache of a frozen
 encoder's outputs, the trainable parameters and AdamW, and the run's checkpoint and log. Each
 script's own work stays in the script.
 """
@@ -15,6 +15,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from checkpoint import atomic_save
 from model import AudioLLM
@@ -171,6 +172,16 @@ def adamw(model, learning_rate, weight_decay, betas, device_type, lm_lr_scale=1.
               for decay in (True, False) for in_lm in (False, True)]
     return torch.optim.AdamW([g for g in groups if g['params']], lr=learning_rate, betas=betas,
                              **({'fused': True} if device_type == 'cuda' else {}))
+
+def distil_whisper_loss(logits, t_logits, targets, tau=2.0, kl_weight=1.0):
+    """distil-whisper's objective at N labeled positions (its training script's weights): 0.8 x the
+    cross-entropy on the labels (the teacher's transcripts) + kl_weight x tau^2 x KL(p_T || p_S),
+    both models' full-vocabulary distributions at temperature tau, a mean over positions.
+    logits, t_logits: (N, V) student's and teacher's -> (loss, ce, kl)."""
+    ce = F.cross_entropy(logits, targets)
+    kl = tau ** 2 * F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(t_logits / tau, -1),
+                             reduction='batchmean', log_target=True)
+    return 0.8 * ce + kl_weight * kl, ce.detach(), kl.detach()
 
 def update(optimizer, params, grad_clip):
     """One optimizer step: the gradient norm clipped to grad_clip (0 = off), then cleared."""

@@ -10,7 +10,9 @@ Every supervised run of the project goes through here: a model from scratch, Whi
 fine-tuned, the distillation student's base row (init_from=<teacher> + student_layers), and
 teacher-data training (TD: a manifest of the teacher's transcripts, evaluate.py --out_manifest),
 and the audio-LLM student (student='audio_llm': adapter + LM trained, CE on transcript + stop).
-Loss: next-token cross-entropy, plus ctc_weight times a CTC loss of model.ctc_head on the encoder.
+Loss: next-token cross-entropy, plus ctc_weight times a CTC loss of model.ctc_head on the encoder;
+or, with a teacher (teacher_path), distil-whisper's objective: 0.8 x the cross-entropy on the
+teacher's transcripts + kl_weight x the KL to the teacher along them (the demo's dw row).
 Checkpoints (out_dir/ckpt.pt) hold what init_from='resume' needs to continue bit-exactly.
 """
 import dataclasses
@@ -69,6 +71,10 @@ n_text_layer = 4
 conv_stride = 2  # 4: the encoder runs at 25 frames/s instead of 50
 dropout = 0.0
 ctc_weight = 0.0  # > 0 adds a CTC head on the encoder (blank = n_vocab)
+# distil-whisper's objective (its training script's defaults): a frozen teacher, the same tokenizer
+teacher_path = ''  # loss = 0.8 CE + kl_weight * kl_tau^2 * KL(p_T || p_S) at temperature kl_tau
+kl_weight = 1.0
+kl_tau = 2.0
 # AdamW and the learning-rate schedule
 learning_rate = 1e-3
 max_iters = 2000
@@ -170,6 +176,15 @@ dims = model.dims
 audio_llm = isinstance(model, AudioLLM)
 if ctc_weight > 0 and model.ctc_head is None:
     fail("ctc_weight > 0 but the checkpoint has no CTC head")
+teacher, aux = None, 'kl' if teacher_path else 'ctc'  # the loss's second term, as logged
+if teacher_path:
+    teacher, t_tok, _ = load_checkpoint(teacher_path, device)
+    if ctc_weight > 0 or t_tok.to_dict() != tokenizer.to_dict() or audio_llm:
+        fail(f"teacher_path={teacher_path}: distil-whisper's objective takes a Whisper student of "
+             f"the teacher's own tokenizer, and no CTC")
+    teacher.requires_grad_(False)
+    sd_s, sd_t = model.encoder.state_dict(), teacher.encoder.state_dict()
+    shared_encoder = all(torch.equal(sd_s[k], sd_t[k].to(sd_s[k].device)) for k in sd_s)
 n_frames = evaluate.whisper_frames(model, tokenizer)  # 3000 for Whisper weights, else None
 model.to(device)
 # a frozen encoder on fixed-length mels: its outputs are computed once per clip (and kept on disk)
@@ -230,7 +245,13 @@ class ASRLoss(nn.Module):
         h = self.model.decoder(tokens, xa, xa_mask=xa_mask, project=False)
         scored = targets != -100  # only positions with a target go through the output layer
         w = self.model.decoder.token_embedding.weight  # tied
-        ce = F.cross_entropy((h[scored].to(w.dtype) @ w.T).float(), targets[scored])
+        logits = (h[scored].to(w.dtype) @ w.T).float()
+        ce = F.cross_entropy(logits, targets[scored])
+        if teacher is not None:  # distil-whisper: the teacher forced along the same labels
+            with torch.no_grad():
+                xa_t = xa if shared_encoder else teacher.encoder(mel, mask)
+                t_logits = teacher.decoder(tokens, xa_t, xa_mask=xa_mask)[scored].float()
+            return common.distil_whisper_loss(logits, t_logits, targets[scored], kl_tau, kl_weight)
         if ctc_weight <= 0:
             return ce, ce.detach(), torch.zeros((), device=ce.device)
         logp = F.log_softmax(self.model.ctc_head(xa).float(), dim=-1).transpose(0, 1)  # (T, B, V+1)
@@ -270,7 +291,8 @@ def run_eval(rows, batches=None):
         for n, batch in enumerate(batches, 1):
             with eval_ctx:
                 sums += torch.stack(ASRLoss(raw_model)(*to_device(batch))).float().cpu()
-        out.update(loss=(sums[0] / n).item(), ce=(sums[1] / n).item(), ctc=(sums[2] / n).item())
+        out.update({'loss': (sums[0] / n).item(), 'ce': (sums[1] / n).item(),
+                    aux: (sums[2] / n).item()})
     t0 = time.time()
     with eval_ctx:
         hyps = evaluate.transcribe(raw_model, tokenizer, rows, eval_batch_size, n_frames=n_frames,
@@ -301,15 +323,16 @@ while True:
     # evaluate and checkpoint
     if (iter_num % eval_interval == 0 or done) and iter_num > start_iter and master:
         res = run_eval(val_rows, val_batches)
-        if not all(math.isfinite(res[k]) for k in ('ce', 'ctc')):
-            fail(f"iter {iter_num}: non-finite val loss (ce {res['ce']}, ctc {res['ctc']}); "
+        if not all(math.isfinite(res[k]) for k in ('ce', aux)):
+            fail(f"iter {iter_num}: non-finite val loss (ce {res['ce']}, {aux} {res[aux]}); "
                  f"stopping without saving a checkpoint (lower learning_rate or check the data)")
         minutes = (time.time() - t_start) / 60
         print(f"iter {iter_num}: val loss {res['loss']:.4f} (ce {res['ce']:.4f}, "
-              f"ctc {res['ctc']:.4f}), "
+              f"{aux} {res[aux]:.4f}), "
               f"val WER {100 * res['wer']:.2f}% on {len(val_rows)} utts, {minutes:.1f} min")
         common.log_json(out_dir, {'iter': iter_num, 'val_loss': res['loss'], 'val_ce': res['ce'],
-                  'val_ctc': res['ctc'], 'val_wer': res['wer'], 'minutes': minutes})
+                                  f'val_{aux}': res[aux], 'val_wer': res['wer'],
+                                  'minutes': minutes})
         improved = res['wer'] < best_val_wer
         best_val_wer = min(best_val_wer, res['wer'])
         if improved or always_save_checkpoint or (done and not saved):
@@ -324,7 +347,7 @@ while True:
         if time_up and master:
             print(f"max_minutes={max_minutes} reached at iter {iter_num}")
         break
-    sums = torch.zeros(4, device=device)  # loss, ce, ctc, audio seconds
+    sums = torch.zeros(4, device=device)  # loss, ce, ctc or kl (aux), audio seconds
     flops = 0
     for micro_step in range(gradient_accumulation_steps):
         batch = loader.next()
@@ -334,9 +357,9 @@ while True:
         if ddp:
             train_module.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with ctx:
-            loss, ce, ctc = train_module(mel, mel_lengths, tokens, targets, xa)
+            loss, ce, second = train_module(mel, mel_lengths, tokens, targets, xa)
         (loss / gradient_accumulation_steps).backward()
-        sums += torch.stack([loss.detach().float(), ce.float(), ctc.float(),
+        sums += torch.stack([loss.detach().float(), ce.float(), second.float(),
                              batch['duration'].sum().to(device)])
         if device_type == 'cuda':
             flops += raw_model.estimate_flops(mel.shape[2], tokens.shape[1]) * mel.shape[0]
@@ -346,10 +369,10 @@ while True:
     if ddp:
         dist.all_reduce(sums)
         sums[:4] /= world_size
-    loss_f, ce_f, ctc_f, audio_f, time_up = sums.tolist()
+    loss_f, ce_f, aux_f, audio_f, time_up = sums.tolist()
     time_up = time_up > 0  # the same decision on every process
-    if not all(math.isfinite(v) for v in (loss_f, ce_f, ctc_f)):
-        which = ', '.join(f"{k} {v}" for k, v in (('ce', ce_f), ('ctc', ctc_f))
+    if not all(math.isfinite(v) for v in (loss_f, ce_f, aux_f)):
+        which = ', '.join(f"{k} {v}" for k, v in (('ce', ce_f), (aux, aux_f))
                           if not math.isfinite(v))
         fail(f"iter {iter_num}: non-finite loss ({which or f'loss {loss_f}'}); stopping without "
              f"saving a checkpoint (lower learning_rate or check the data)")
@@ -362,9 +385,9 @@ while True:
     if iter_num % log_interval == 0 and master:
         audio_per_s = audio_f * world_size * gradient_accumulation_steps / dt
         line = f"iter {iter_num}: loss {loss_f:.4f}"
-        line += f" (ce {ce_f:.4f}, ctc {ctc_f:.4f})" if ctc_weight > 0 else ""
+        line += f" (ce {ce_f:.4f}, {aux} {aux_f:.4f})" if ctc_weight > 0 or teacher else ""
         line += f", lr {lr:.1e}, {dt * 1000:.0f}ms/iter, {audio_per_s:.1f} audio-s/s"
-        record = {'iter': iter_num, 'loss': loss_f, 'ce': ce_f, 'ctc': ctc_f, 'lr': lr,
+        record = {'iter': iter_num, 'loss': loss_f, 'ce': ce_f, aux: aux_f, 'lr': lr,
                   'ms': dt * 1000, 'audio_s_per_s': audio_per_s, 'minutes': (t1 - t_start) / 60}
         if device_type == 'cuda':
             record['mfu'] = flops * world_size / dt / 989e12  # H100 bf16 dense peak

@@ -82,6 +82,8 @@ DEMO_ROWS = {
     'opd_rkl': dict(_OPD, loss='rkl', temperature=1.0),
     'td': dict(_SUPERVISED, **_UNLABELED, eval_interval=10 ** 6),
     'td_opd': _OPD,
+    'dw': dict(_SUPERVISED, **_UNLABELED, eval_interval=10 ** 6, token_noise=0.0,
+               teacher_path='weights/base', kl_weight=1.0, kl_tau=2.0),
     'ark_base': dict(_SUPERVISED, student='audio_llm', init_from='weights/base', student_layers=2,
                      lm_lr_scale=0.1, freeze_embeddings=True, max_iters=800, learning_rate=3e-3,
                      warmup_iters=10, eval_interval=200, batch_size=16),

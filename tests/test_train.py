@@ -163,3 +163,38 @@ def test_token_noise_swaps_only_transcript_inputs():
     assert 0.15 < changed[text_in].float().mean() < 0.35  # ~0.3, less the draws of the same id
     assert set(noisy[changed].tolist()) <= set(tokens[text_in].tolist())  # the batch's own tokens
     assert torch.equal(token_noise(tokens, targets, 0.0), tokens)
+
+def test_distil_whisper_loss_by_hand():
+    """3 positions of a 3-token vocabulary: 0.8 x cross-entropy + tau^2 x KL(p_T || p_S) at
+    tau = 2, a mean over positions, written out with math."""
+    import math
+    from common import distil_whisper_loss
+    s = [[1.0, 0.0, -1.0], [0.0, 2.0, 0.0], [0.5, 0.5, 3.0]]
+    t = [[2.0, 0.0, 0.0], [0.0, 1.0, 1.0], [-1.0, 0.0, 2.0]]
+    y = [0, 1, 2]
+    soft = lambda z, tau: [math.exp(v / tau) / sum(math.exp(u / tau) for u in z) for v in z]
+    ce = sum(-math.log(soft(s[i], 1)[y[i]]) for i in range(3)) / 3
+    kl = sum(sum(p * math.log(p / q) for p, q in zip(soft(t[i], 2), soft(s[i], 2)))
+             for i in range(3)) / 3
+    loss, ce_t, kl_t = distil_whisper_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y))
+    assert math.isclose(ce_t.item(), ce, rel_tol=1e-6) and math.isclose(kl_t.item(), 4 * kl,
+                                                                         rel_tol=1e-5)
+    assert math.isclose(loss.item(), 0.8 * ce + 4 * kl, rel_tol=1e-5)
+    half = distil_whisper_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), kl_weight=0.5)
+    assert math.isclose(half[0].item(), 0.8 * ce + 2 * kl, rel_tol=1e-5)
+
+def test_distil_whisper_objective_run(train_corpus, tmp_path):
+    """train.py --teacher_path (the demo's dw row): a student of the teacher learns from the
+    teacher's KL as well as the labels; log.jsonl has both terms, and the KL falls. A teacher of
+    another tokenizer is refused in one line."""
+    run(tiny(train_corpus, tmp_path / 'teacher', n_text_layer=2, max_iters=60, learning_rate=1e-2))
+    kw = dict(init_from=f'{tmp_path}/teacher/ckpt.pt', student_layers=1, max_iters=30,
+              teacher_path=f'{tmp_path}/teacher/ckpt.pt', log_interval=5, kl_weight=5.0)
+    run(tiny(train_corpus, tmp_path / 'dw', **kw))
+    kl, ce, loss = (log(tmp_path / 'dw', k) for k in ('kl', 'ce', 'loss'))
+    assert len(kl) == 6 and kl[-1] < 0.5 * kl[0], kl
+    assert all(abs(l - (0.8 * c + 5 * k)) < 1e-3 * l for l, c, k in zip(loss, ce, kl))
+    run(tiny(train_corpus, tmp_path / 'other', max_iters=1, vocab_size=40))
+    p = run(tiny(train_corpus, tmp_path / 'bad', **dict(kw, teacher_path=f'{tmp_path}/other/ckpt.pt')),
+            check=False)
+    assert p.returncode == 1 and "distil-whisper's objective takes" in p.stderr
