@@ -1,8 +1,8 @@
 """
 What train.py and distill.py share, written once: one-line errors, DDP setup and teardown, autocast,
-the learning-rate schedule, distil-whisper's loss, the batch loader that remembers its place, the cache of a frozen
-encoder's outputs, the trainable parameters and AdamW, and the run's checkpoint and log. Each
-script's own work stays in the script.
+the learning-rate schedule, the batch loader that remembers its place, the cache of a frozen
+encoder's outputs, the trainable parameters and AdamW, distil-whisper's loss, and the run's
+checkpoint and log. Each script's own work stays in the script.
 """
 import dataclasses
 import gc

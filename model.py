@@ -274,9 +274,9 @@ MERGE = 4  # encoder frames concatenated into one audio token
 @dataclass
 class AudioLLMDimensions(ModelDimensions):
     """Whisper's fields (n_text_*: the causal LM; n_text_ctx: its whole sequence, prompt, audio
-    tokens and text), plus the id of <|audio|>: the adapter's outputs take its places. n_kv_head > 0:
-    the LM is a pretrained LLaMA (LlamaAudioLM; n_text_*: its width, heads, blocks, positions), not
-    Whisper blocks, and the last four fields are those of its LlamaDimensions."""
+    tokens and text), plus the id of <|audio|>: the adapter's outputs take its places.
+    n_kv_head > 0: the LM is a pretrained LLaMA (LlamaAudioLM; n_text_*: its width, heads, blocks,
+    positions), not Whisper blocks, and the last four fields are its LlamaDimensions'."""
     audio_token: int = 50259
     n_kv_head: int = 0
     n_mlp: int = 0

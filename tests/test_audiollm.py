@@ -16,8 +16,10 @@ import torch.nn.functional as F
 import distill
 from checkpoint import load_checkpoint
 from data import Batches, SentencePieceTokenizer, read_manifest, write_manifest
-from distill import Rescore, Side, Step, length_bounds, masked_log_softmax, opd_step, rollout, union_support
-from model import MERGE, Adapter, mask_logits, embed_audio, AudioLLM, ModelDimensions, Whisper, audio_tokens, length_mask
+from distill import (Rescore, Side, Step, length_bounds, masked_log_softmax, opd_step, rollout,
+                     union_support)
+from model import (MERGE, Adapter, AudioLLM, ModelDimensions, Whisper, audio_tokens, embed_audio,
+                   length_mask, mask_logits)
 from student import make_audio_llm
 from tokenizer import ChatTokenizer, token_map, token_strings
 
