@@ -133,6 +133,12 @@ class EncoderCache:
                     os.replace(file + ".tmp", file)
         return torch.stack([self.mem[p, T] for p in paths]).to(mel.device).float()
 
+def same_encoder(a, b):
+    """Whether two models' encoders hold the same weights (one frozen encoder serves both)."""
+    sd_a, sd_b = a.encoder.state_dict(), b.encoder.state_dict()
+    return sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k].to(sd_a[k].device))
+                                              for k in sd_a)
+
 def fits(row, model, tok, n_new):
     """Whether the model takes this clip: its frames, and its prompt plus n_new tokens."""
     d = model.dims

@@ -418,8 +418,7 @@ def load_pair(teacher_path, path, loss, dev):
 def encoder_caches(teacher, student, n_frames, directory, ctx):
     """-> (whether the two encoders are one, the teacher's and the student's EncoderCache): a
     frozen encoder's outputs are kept per clip where every mel has the same length (else None)."""
-    sd_s, sd_t = student.encoder.state_dict(), teacher.encoder.state_dict()
-    shared = sd_s.keys() == sd_t.keys() and all(torch.equal(sd_s[k], sd_t[k]) for k in sd_s)
+    shared = common.same_encoder(student, teacher)
     cache = lambda m: common.EncoderCache(m.encoder, directory, ctx) if n_frames else None
     cache_t = cache(teacher)
     return shared, cache_t, cache_t if shared else cache(student)

@@ -316,11 +316,15 @@ def cached(kv_cache, attn):
     """How many positions kv_cache already holds (0 without one)."""
     return kv_cache[attn][0].shape[2] if kv_cache and attn in kv_cache else 0
 
-def prompt_positions(tokens, offset, pad_mask=None):
+def prompt_positions(tokens, offset, n_ctx, pad_mask=None):
     """The positions (B, L) of tokens after offset cached ones, and the attention mask (B, L, Tk)
-    or None (plain causal). pad_mask (B, P): True at the real tokens of left-padded prompts:
-    positions count real tokens only, and a pad sees itself only."""
+    or None (plain causal); more than n_ctx positions in all is a ValueError. pad_mask (B, P):
+    True at the real tokens of left-padded prompts: positions count real tokens only, and a pad
+    sees itself only."""
     B, L = tokens.shape
+    if offset + L > n_ctx:  # Whisper's learned positions end at 448: no extension (see README)
+        raise ValueError(f"audio-LLM: {offset + L} positions, more than its n_text_ctx of "
+                         f"{n_ctx} (a clip too long for the student, or too many tokens)")
     pos = torch.arange(offset, offset + L, device=tokens.device).expand(B, L)
     if pad_mask is None:
         return pos, None
@@ -364,12 +368,8 @@ class AudioLM(nn.Module):
         Right-padded rows (teacher forcing) need no mask: causal attention keeps the padding out of
         the real positions. pad_mask (B, P): True at the real tokens of left-padded prompts (P
         first positions; AudioLLM.generate): pads are masked, positions count the real tokens."""
-        L, n_ctx = tokens.shape[1], len(self.positional_embedding)
         offset = cached(kv_cache, self.blocks[0].attn)
-        if offset + L > n_ctx:  # Whisper's learned positions end at 448: no extension (see README)
-            raise ValueError(f"audio-LLM: {offset + L} positions, more than its n_text_ctx of "
-                             f"{n_ctx} (a clip too long for the student, or too many tokens)")
-        pos, mask = prompt_positions(tokens, offset, pad_mask)
+        pos, mask = prompt_positions(tokens, offset, len(self.positional_embedding), pad_mask)
         x = embed_audio(self, tokens, xa, xa_mask) + self.positional_embedding[pos]
         x = x.to(xa.dtype)
         for block in self.blocks:
@@ -574,8 +574,9 @@ class LlamaLM(nn.Module):
             cos, sin = self.cos[offset:offset + x.shape[1]], self.sin[offset:offset + x.shape[1]]
         else:
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.layers:
-            x = block(x, cos.to(x.dtype), sin.to(x.dtype), kv_cache, mask)
+            x = block(x, cos, sin, kv_cache, mask)
         return tied_output(self.norm(x), self.embed_tokens, project)
 
 class LlamaAudioLM(nn.Module):
@@ -596,11 +597,7 @@ class LlamaAudioLM(nn.Module):
 
     def forward(self, tokens, xa, kv_cache=None, project=True, xa_mask=None, pad_mask=None):
         """As AudioLM.forward."""
-        L, n_ctx = tokens.shape[1], self.lm.dims.n_ctx
         offset = cached(kv_cache, self.lm.layers[0].self_attn)
-        if offset + L > n_ctx:
-            raise ValueError(f"audio-LLM: {offset + L} positions, more than its n_text_ctx of "
-                             f"{n_ctx} (a clip too long for the student, or too many tokens)")
-        pos, mask = prompt_positions(tokens, offset, pad_mask)
+        pos, mask = prompt_positions(tokens, offset, self.lm.dims.n_ctx, pad_mask)
         x = embed_audio(self, tokens, xa, xa_mask).to(xa.dtype)
         return self.lm(None, kv_cache, x, pos if pad_mask is not None else None, mask, project)

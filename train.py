@@ -183,8 +183,7 @@ if teacher_path:
         fail(f"teacher_path={teacher_path}: distil-whisper's objective takes a Whisper student of "
              f"the teacher's own tokenizer, and no CTC")
     teacher.requires_grad_(False)
-    sd_s, sd_t = model.encoder.state_dict(), teacher.encoder.state_dict()
-    shared_encoder = all(torch.equal(sd_s[k], sd_t[k].to(sd_s[k].device)) for k in sd_s)
+    shared_encoder = common.same_encoder(model, teacher)
 n_frames = evaluate.whisper_frames(model, tokenizer)  # 3000 for Whisper weights, else None
 model.to(device)
 # a frozen encoder on fixed-length mels: its outputs are computed once per clip (and kept on disk)
