@@ -73,13 +73,14 @@ def _whisper_worker(impl, model_dir, wav_dir):
     audios = [data.load_audio(w) for w in wavs]
     if impl == "ours":
         from checkpoint import load_whisper
+        from decoding import generate
         model, tok = load_whisper(model_dir)
         model.eval()
         def run(audio):
             with torch.no_grad():
                 xa = model.encoder(data.whisper_mel(audio, model.dims.n_mels)[None])
-                out = model.generate(xa, tok.sot_sequence("en"), tok.eot, max_new_tokens=224,
-                                     suppress=tok.suppress, suppress_blank=tok.suppress_blank)
+                out = generate(model, xa, tok.sot_sequence("en"), tok.eot, max_new_tokens=224,
+                               suppress=tok.suppress, suppress_blank=tok.suppress_blank)
             return tok.decode(out.tokens[0])
     else:
         from faster_whisper import WhisperModel

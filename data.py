@@ -1,12 +1,11 @@
 """
 Files on disk to tensors in a batch: audio (a hand-written resampler), Whisper's log-mel, JSONL
-manifests (+ LibriSpeech / AISHELL-1), a SentencePiece tokenizer and length-bucketed, DDP-sharded
-batches (synth.py makes a corpus with espeak-ng). Manifests from the layouts users have:
+manifests (+ LibriSpeech / AISHELL-1) and length-bucketed, DDP-sharded batches (synth.py makes a
+corpus with espeak-ng; tokenizers are in tokenizer.py). Manifests from the layouts users have:
     python data.py librispeech /data/LibriSpeech/test-clean data/ls_test_clean.jsonl
     python data.py aishell /data/aishell data/aishell
 """
 import glob
-import io
 import json
 import math
 import os
@@ -252,60 +251,6 @@ def aishell_manifest(root, out_dir):
         out[split] = [_row(wav, trans[uid], 'zh') for wav, uid in zip(wavs, uids) if uid in trans]
         write_manifest(os.path.join(out_dir, f'{split}.jsonl'), out[split])
     return out
-
-# -----------------------------------------------------------------------------
-# tokenizer: encode, decode, eot, sot, n_vocab, sot_sequence(language), suppress, suppress_blank,
-# to_dict (tokenizer.tokenizer_from_dict reads it back)
-
-class SentencePieceTokenizer:
-    """A small SentencePiece model for models trained from scratch (bos <|startoftranscript|>, eos
-    <|endoftext|>); no normalisation: decode(encode(s)) == s, lower-casing is the caller's."""
-
-    def __init__(self, model_bytes):
-        import sentencepiece as spm
-        self.model_bytes = bytes(model_bytes)
-        sp = self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
-        self.sot, self.eot, self.n_vocab = sp.bos_id(), sp.eos_id(), sp.get_piece_size()
-        self.suppress = [self.sot, sp.unk_id()]
-        blank = [i for i in sp.encode(' ') if not sp.is_control(i)] + [sp.piece_to_id('▁')]
-        self.suppress_blank = sorted({i for i in blank if i != sp.unk_id()} | {self.eot})
-
-    @classmethod
-    def train(cls, texts, vocab_size=512, model_type='unigram'):
-        import sentencepiece as spm
-        texts = list(texts)
-        n_chars = len(set(''.join(texts).replace(' ', '')))
-        if n_chars + 4 > vocab_size:  # every character gets a piece (character_coverage=1)
-            print(f"SentencePieceTokenizer: {n_chars} distinct characters, vocab_size raised from "
-                  f"{vocab_size} to {n_chars + 64}")
-            vocab_size = n_chars + 64
-        buf = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
-            model_type=model_type, character_coverage=1.0, normalization_rule_name='identity',
-            hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            bos_piece='<|startoftranscript|>', eos_piece='<|endoftext|>', minloglevel=2,
-            num_threads=1)
-        return cls(buf.getvalue())
-
-    def encode(self, text):
-        return self.sp.encode(text)
-
-    encode_text = encode  # a transcript as a training target (Whisper's tokenizer adds a space)
-
-    def decode(self, ids):
-        ids = [int(i) for i in ids]
-        return self.sp.decode([i for i in ids if 0 <= i < self.n_vocab
-                               and not self.sp.is_control(i)])
-
-    def sot_sequence(self, language=None):
-        return [self.sot]  # one language per model trained from scratch: no language token
-
-    def to_dict(self):
-        return {'kind': 'sentencepiece', 'model': self.model_bytes}
-
-    def __reduce__(self):  # picklable (e.g. for DataLoader workers) through the serialized model
-        return (SentencePieceTokenizer, (self.model_bytes,))
 
 # -----------------------------------------------------------------------------
 # batches

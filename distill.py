@@ -34,6 +34,7 @@ import common
 import data
 import evaluate
 from checkpoint import load_checkpoint
+from decoding import generate
 from model import AudioLLM, length_mask
 from tokenizer import token_map
 
@@ -140,12 +141,12 @@ def rollout(model, tok, xa, prompts, max_lens, hp, topk=0, generator=None, xa_ma
                     kv = model.decoder.cross_kv(xa[idx])
                     kv = {m: (k.float(), v.float()) for m, (k, v) in kv.items()}
             project = model.decoder.token_embedding.weight.detach().to(torch.bfloat16)
-        out = model.generate(xa[idx], [prompts[b] for b in idx] if audio_llm else prompts[idx[0]],
-                             tok.eot, max_new_tokens=hp.max_new_tokens, suppress=tok.suppress,
-                             suppress_blank=tok.suppress_blank, temperature=hp.temperature,
-                             max_lens=[max_lens[b] for b in idx], generator=generator,
-                             stop_ngram=hp.ngram_stop, topk=topk, kv_cache=kv, project=project,
-                             xa_mask=None if xa_mask is None else xa_mask[idx])
+        out = generate(model, xa[idx], [prompts[b] for b in idx] if audio_llm else prompts[idx[0]],
+                       tok.eot, max_new_tokens=hp.max_new_tokens, suppress=tok.suppress,
+                       suppress_blank=tok.suppress_blank, temperature=hp.temperature,
+                       max_lens=[max_lens[b] for b in idx], generator=generator,
+                       stop_ngram=hp.ngram_stop, topk=topk, kv_cache=kv, project=project,
+                       xa_mask=None if xa_mask is None else xa_mask[idx])
         for j, b in enumerate(idx):
             tokens[b], ended[b] = out.tokens[j], out.ended[j]
             top_ids[b] = out.top_ids[j] if topk else None

@@ -19,6 +19,7 @@ import torch
 
 import data
 from checkpoint import load_checkpoint
+from decoding import beam_search, generate
 from longform import no_speech, transcribe_long
 from tokenizer import WhisperTokenizer
 from score import score
@@ -132,10 +133,10 @@ def decode(model, tokenizer, rows, batch_size=16, beam=1, language=None, encode=
             prompt = [tokenizer.prompt(k) for k in n.tolist()]
             m = model.encoder.frames_mask(length_mask(n, T))
         if beam > 1:
-            out = model.beam_search(xa, prompt, tokenizer.eot, beam_size=beam, xa_mask=m, **kw)
+            out = beam_search(model, xa, prompt, tokenizer.eot, beam_size=beam, xa_mask=m, **kw)
         else:
-            out = model.generate(xa, prompt, tokenizer.eot, temperature=temperature,
-                                 generator=generator, xa_mask=m, **kw)
+            out = generate(model, xa, prompt, tokenizer.eot, temperature=temperature,
+                           generator=generator, xa_mask=m, **kw)
         silent = (no_speech(model, tokenizer, xa, prompt) if check_speech and windowed
                   else [False] * len(idx))
         for j, k in enumerate(idx):

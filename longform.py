@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from data import N_FRAMES
-from model import mask_logits
+from decoding import mask_logits
 
 NO_SPEECH_THRESHOLD, LOGPROB_THRESHOLD = 0.6, -1.0  # transcribe()'s defaults
 

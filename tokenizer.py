@@ -1,16 +1,18 @@
 """
-Tokenizers: Whisper's byte-level BPE on tiktoken (WhisperTokenizer, read from tokenizer.json,
+Tokenizers, all with encode, decode, eot, sot, n_vocab, sot_sequence(language), suppress,
+suppress_blank and to_dict (tokenizer_from_dict reads it back): SentencePieceTokenizer (a small one
+trained for models from scratch), Whisper's byte-level BPE on tiktoken (WhisperTokenizer, read from tokenizer.json,
 vocabulary.json/.txt or .tiktoken files), the audio-LLM's ChatTokenizer on top of one, a GGUF
 chat LM's byte-level BPE (GGUFTokenizer: SmolLM2's), the map between two vocabularies by token
 string (token_map), and tokenizer_from_dict (a checkpoint's).
 """
 import base64
+import io
 import json
 import os
 
 import torch
 
-from data import SentencePieceTokenizer
 from model import audio_tokens
 
 LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da "
@@ -32,6 +34,56 @@ def special_names(languages, nospeech="<|nospeech|>"):
     return (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{c}|>" for c in languages] +
             ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", nospeech,
              "<|notimestamps|>"] + [f"<|{i * 0.02:.2f}|>" for i in range(N_TIMESTAMPS)])
+
+class SentencePieceTokenizer:
+    """A small SentencePiece model for models trained from scratch (bos <|startoftranscript|>, eos
+    <|endoftext|>); no normalisation: decode(encode(s)) == s, lower-casing is the caller's."""
+
+    def __init__(self, model_bytes):
+        import sentencepiece as spm
+        self.model_bytes = bytes(model_bytes)
+        sp = self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
+        self.sot, self.eot, self.n_vocab = sp.bos_id(), sp.eos_id(), sp.get_piece_size()
+        self.suppress = [self.sot, sp.unk_id()]
+        blank = [i for i in sp.encode(' ') if not sp.is_control(i)] + [sp.piece_to_id('▁')]
+        self.suppress_blank = sorted({i for i in blank if i != sp.unk_id()} | {self.eot})
+
+    @classmethod
+    def train(cls, texts, vocab_size=512, model_type='unigram'):
+        import sentencepiece as spm
+        texts = list(texts)
+        n_chars = len(set(''.join(texts).replace(' ', '')))
+        if n_chars + 4 > vocab_size:  # every character gets a piece (character_coverage=1)
+            print(f"SentencePieceTokenizer: {n_chars} distinct characters, vocab_size raised from "
+                  f"{vocab_size} to {n_chars + 64}")
+            vocab_size = n_chars + 64
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=1.0, normalization_rule_name='identity',
+            hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            bos_piece='<|startoftranscript|>', eos_piece='<|endoftext|>', minloglevel=2,
+            num_threads=1)
+        return cls(buf.getvalue())
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    encode_text = encode  # a transcript as a training target (Whisper's tokenizer adds a space)
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        return self.sp.decode([i for i in ids if 0 <= i < self.n_vocab
+                               and not self.sp.is_control(i)])
+
+    def sot_sequence(self, language=None):
+        return [self.sot]  # one language per model trained from scratch: no language token
+
+    def to_dict(self):
+        return {'kind': 'sentencepiece', 'model': self.model_bytes}
+
+    def __reduce__(self):  # picklable (e.g. for DataLoader workers) through the serialized model
+        return (SentencePieceTokenizer, (self.model_bytes,))
 
 class WhisperTokenizer:
     """Whisper's byte-level BPE (tiktoken) and special tokens; nanoOPD's tokenizer interface."""

@@ -32,7 +32,7 @@ import data
 import evaluate
 from checkpoint import load_checkpoint
 from student import make_audio_llm, make_chat_llm, make_student
-from tokenizer import tokenizer_from_dict
+from tokenizer import SentencePieceTokenizer, tokenizer_from_dict
 from model import AudioLLM, ModelDimensions, Whisper, length_mask
 
 # -----------------------------------------------------------------------------
@@ -146,7 +146,7 @@ if init_from == 'resume':
     frozen = checkpoint.get('frozen', [])
 elif init_from == 'scratch':  # a SentencePiece model of the training texts: rank 0 trains it
     texts = [r['text'] for r in train_rows if r.get('text')]
-    obj = [data.SentencePieceTokenizer.train(texts, vocab_size).to_dict() if master else None]
+    obj = [SentencePieceTokenizer.train(texts, vocab_size).to_dict() if master else None]
     if ddp:
         dist.broadcast_object_list(obj, src=0)
     tokenizer = tokenizer_from_dict(obj[0])

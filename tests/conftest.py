@@ -28,7 +28,8 @@ def tiny_corpus(tmp_path_factory):
 @pytest.fixture(scope='session')
 def tiny_tokenizer(tiny_corpus):
     """A SentencePiece tokenizer trained on the tiny corpus' training texts."""
-    from data import SentencePieceTokenizer, read_manifest
+    from data import read_manifest
+    from tokenizer import SentencePieceTokenizer
     rows = read_manifest(os.path.join(tiny_corpus, 'train.jsonl'))
     return SentencePieceTokenizer.train([r['text'] for r in rows], vocab_size=64)
 

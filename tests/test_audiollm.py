@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 import distill
 from checkpoint import load_checkpoint
-from data import Batches, SentencePieceTokenizer, read_manifest, write_manifest
+from data import Batches, read_manifest, write_manifest
 from distill import (Rescore, Side, Step, length_bounds, masked_log_softmax, opd_step, rollout,
                      union_support)
+from decoding import generate, mask_logits
 from model import (MERGE, Adapter, AudioLLM, ModelDimensions, Whisper, audio_tokens, embed_audio,
-                   length_mask, mask_logits)
+                   length_mask)
 from student import make_audio_llm
-from tokenizer import ChatTokenizer, token_map, token_strings
+from tokenizer import ChatTokenizer, SentencePieceTokenizer, token_map, token_strings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
@@ -138,15 +139,14 @@ def test_prompt_layout_puts_the_adapter_output_at_the_placeholders(toks):
 def test_kv_cache_decoding_equals_recomputation(toks):
     """Batched, left-padded, KV-cached greedy decoding (and its top-k ids) == each clip alone,
     recomputed from scratch at every step; its log-probs == the right-padded teacher forcing."""
-    from model import mask_logits
     teacher = tiny(1, toks[0].n_vocab)
     student, tok = student_of(teacher, toks[0], std=0.5)
     student.eval()
     xa, m, frames = clips(teacher)
     prompts = [tok.prompt(f) for f in frames]
     assert len(set(map(len, prompts))) == 4  # four lengths: left padding matters
-    out = student.generate(xa, prompts, tok.eot, max_new_tokens=10, suppress=tok.suppress,
-                           suppress_blank=tok.suppress_blank, topk=5, xa_mask=m)
+    out = generate(student, xa, prompts, tok.eot, max_new_tokens=10, suppress=tok.suppress,
+                   suppress_blank=tok.suppress_blank, topk=5, xa_mask=m)
     assert sum(map(len, out.tokens)) > 10
     for b, p in enumerate(prompts):
         seq, tops = list(p), []

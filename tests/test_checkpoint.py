@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint
+from decoding import beam_search, generate
 import student as student_io
 import tokenizer as tokenizer_io
 
@@ -120,8 +121,8 @@ def test_transformers_reads_hf_export(tiny, tmp_path):
         # greedy transcript of real speech: our generate vs an argmax loop over transformers'
         audio = _espeak_audio(str(tmp_path), ["the quick brown fox jumps over the lazy dog"])[0]
         mel = _fw_features(audio)[None]
-        ours = model.generate(model.encoder(mel), tok.sot_sequence(), tok.eot, max_new_tokens=60,
-                              suppress=tok.suppress, suppress_blank=tok.suppress_blank).tokens
+        ours = generate(model, model.encoder(mel), tok.sot_sequence(), tok.eot, max_new_tokens=60,
+                        suppress=tok.suppress, suppress_blank=tok.suppress_blank).tokens
         seq = tok.sot_sequence()
         enc = hf.model.encoder(mel).last_hidden_state
         for step in range(60):
@@ -332,8 +333,8 @@ def test_make_student(tiny):
     assert torch.equal(small.state_dict()["encoder.blocks.1.attn.query.weight"],
                        t["encoder.blocks.3.attn.query.weight"])
     xa = student.encoder(torch.randn(2, 80, 200))
-    tokens = student.generate(xa, tok.sot_sequence(), tok.eot, max_new_tokens=5,
-                              suppress=tok.suppress, suppress_blank=tok.suppress_blank).tokens
+    tokens = generate(student, xa, tok.sot_sequence(), tok.eot, max_new_tokens=5,
+                      suppress=tok.suppress, suppress_blank=tok.suppress_blank).tokens
     assert len(tokens) == 2 and all(len(x) <= 5 for x in tokens)
 
 # -----------------------------------------------------------------------------
@@ -385,12 +386,12 @@ def faster_whisper_transcripts(model_dir, audios, language="en", beam_size=1):
 
 def our_transcripts(model, tok, audios, language="en", batch_size=8, beam_size=1, ids=None):
     texts = []
-    decode = model.generate if beam_size == 1 else partial(model.beam_search, beam_size=beam_size)
+    decode = generate if beam_size == 1 else partial(beam_search, beam_size=beam_size)
     for i in range(0, len(audios), batch_size):
         mel = torch.stack([_fw_features(a) for a in audios[i:i + batch_size]])
         with torch.no_grad():
             # CTranslate2 decodes at most min(448 // 2, 448 - prompt) steps
-            tokens = decode(model.encoder(mel), tok.sot_sequence(language), tok.eot,
+            tokens = decode(model, model.encoder(mel), tok.sot_sequence(language), tok.eot,
                             max_new_tokens=224, suppress=tok.suppress,
                             suppress_blank=tok.suppress_blank).tokens
         texts += [tok.decode(t).strip() for t in tokens]
@@ -450,8 +451,8 @@ def test_openai_whisper_transcribes_exported_pt_like_us(tiny, tmp_path):
     theirs = whisper.decode(ref, mel, options).text
     with torch.no_grad():
         xa = model.encoder(data.whisper_mel(audio)[None])
-        ours = model.generate(xa, tok.sot_sequence(), tok.eot, max_new_tokens=224,
-                              suppress=tok.suppress, suppress_blank=tok.suppress_blank).tokens
+        ours = generate(model, xa, tok.sot_sequence(), tok.eot, max_new_tokens=224,
+                        suppress=tok.suppress, suppress_blank=tok.suppress_blank).tokens
     assert tok.decode(ours[0]).strip() == theirs.strip()
     assert "the quick" in theirs.lower() and "over the lazy" in theirs.lower()  # speech, heard
 

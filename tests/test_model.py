@@ -3,6 +3,7 @@ import os
 import torch
 import pytest
 
+from decoding import beam_search, generate
 from model import Whisper, ModelDimensions
 
 EOT_BIAS = 6.0  # with tiny_model(eot_bias=EOT_BIAS), some utterances below reach EOT, others not
@@ -58,32 +59,32 @@ def test_encoder_takes_any_length_up_to_its_context():
 def test_batched_greedy_equals_one_at_a_time_and_beam1():
     model = tiny_model(eot_bias=EOT_BIAS)
     xa = model.encoder(torch.randn(4, 80, 120))
-    out = model.generate(xa, [1, 2], eot=0, max_new_tokens=20)
+    out = generate(model, xa, [1, 2], eot=0, max_new_tokens=20)
     assert any(len(t) > 3 for t in out.tokens)
     assert any(out.ended) and not all(out.ended)  # both the EOT and the length-bound exits
     for b in range(4):
-        one = model.generate(xa[b:b + 1], [1, 2], eot=0, max_new_tokens=20)
+        one = generate(model, xa[b:b + 1], [1, 2], eot=0, max_new_tokens=20)
         assert one.tokens[0] == out.tokens[b] and one.ended[0] == out.ended[b]
         assert one.logprobs[0] == pytest.approx(out.logprobs[b], abs=1e-4)
-    beam = model.beam_search(xa, [1, 2], eot=0, beam_size=1, max_new_tokens=20)
+    beam = beam_search(model, xa, [1, 2], eot=0, beam_size=1, max_new_tokens=20)
     assert beam.tokens == out.tokens and beam.ended == out.ended
 
 def test_batched_beam_search_equals_one_at_a_time():
     model = tiny_model(eot_bias=EOT_BIAS)
     xa = model.encoder(torch.randn(4, 80, 120))
     kw = dict(eot=0, beam_size=3, max_new_tokens=10, suppress_blank=[0])
-    out = model.beam_search(xa, [1, 2], **kw)
+    out = beam_search(model, xa, [1, 2], **kw)
     assert any(out.ended) and not all(out.ended)
     for b in range(4):
-        one = model.beam_search(xa[b:b + 1], [1, 2], **kw)
+        one = beam_search(model, xa[b:b + 1], [1, 2], **kw)
         assert one.tokens[0] == out.tokens[b] and one.ended[0] == out.ended[b]
         assert one.logprobs[0] == pytest.approx(out.logprobs[b], abs=1e-4)
 
 def test_greedy_logprobs_and_suppression():
     model = tiny_model()
     xa = model.encoder(torch.randn(2, 80, 120))
-    out = model.generate(xa, [1, 2], eot=0, max_new_tokens=10, suppress=[36, 13],
-                         suppress_blank=[10])
+    out = generate(model, xa, [1, 2], eot=0, max_new_tokens=10, suppress=[36, 13],
+                   suppress_blank=[10])
     tokens, logprobs = out.tokens, out.logprobs
     assert all(t not in (36, 13) for seq in tokens for t in seq)
     assert all(seq[0] != 10 for seq in tokens if seq)
@@ -99,9 +100,9 @@ def test_greedy_logprobs_and_suppression():
 def test_beam_search_finds_a_better_sequence_than_greedy():
     model = tiny_model(seed=3)
     xa = model.encoder(torch.randn(3, 80, 120))
-    greedy, lp = model.generate(xa, [1, 2], eot=0, max_new_tokens=12)[:2]
-    beam, scores = model.beam_search(xa, [1, 2], eot=0, beam_size=4, max_new_tokens=12,
-                                     length_penalty=0.0)[:2]
+    greedy, lp = generate(model, xa, [1, 2], eot=0, max_new_tokens=12)[:2]
+    beam, scores = beam_search(model, xa, [1, 2], eot=0, beam_size=4, max_new_tokens=12,
+                               length_penalty=0.0)[:2]
     # with length_penalty 0 the ranking is by total log-probability, so beam does as well or better
     # whenever both end at the same maximum length or both finish
     for b in range(3):
@@ -110,15 +111,15 @@ def test_beam_search_finds_a_better_sequence_than_greedy():
 def test_max_lens_bounds_each_rollout():
     model = tiny_model()
     xa = model.encoder(torch.randn(3, 80, 120))
-    tokens = model.generate(xa, [1, 2], eot=0, max_new_tokens=20, max_lens=[1, 3, 20]).tokens
+    tokens = generate(model, xa, [1, 2], eot=0, max_new_tokens=20, max_lens=[1, 3, 20]).tokens
     assert len(tokens[0]) <= 1 and len(tokens[1]) <= 3
 
 def test_topk_ids_cover_every_step_and_eot():
     model = tiny_model(eot_bias=EOT_BIAS)
     xa = model.encoder(torch.randn(4, 80, 120))
-    out = model.generate(xa, [1, 2], eot=0, max_new_tokens=20, topk=3)
+    out = generate(model, xa, [1, 2], eot=0, max_new_tokens=20, topk=3)
     assert any(out.ended) and not all(out.ended)
-    assert model.generate(xa, [1, 2], eot=0, max_new_tokens=20).top_ids is None
+    assert generate(model, xa, [1, 2], eot=0, max_new_tokens=20).top_ids is None
     for t, e, ids in zip(out.tokens, out.ended, out.top_ids):
         assert ids.shape == (len(t) + e, 3)
         assert ids[:, 0].tolist() == t + [0] * e  # greedy: the top-1 id is the token taken
@@ -128,8 +129,8 @@ def test_precomputed_cross_kv_decodes_the_same():
     with torch.no_grad():
         xa = model.encoder(torch.randn(3, 80, 120))
         kv = model.decoder.cross_kv(xa)
-    plain = model.generate(xa, [1, 2], eot=0, max_new_tokens=10)
-    given = model.generate(xa, [1, 2], eot=0, max_new_tokens=10, kv_cache=kv)
+    plain = generate(model, xa, [1, 2], eot=0, max_new_tokens=10)
+    given = generate(model, xa, [1, 2], eot=0, max_new_tokens=10, kv_cache=kv)
     assert given.tokens == plain.tokens
     assert torch.allclose(torch.tensor(given.logprobs), torch.tensor(plain.logprobs))
     assert len(kv) == len(model.decoder.blocks)  # the caller's dict gets no self-attention entries
@@ -143,7 +144,7 @@ def test_sampling_is_seeded_and_top_p_small_equals_greedy():
     model = tiny_model()
     xa = model.encoder(torch.randn(2, 80, 120))
     g = lambda: torch.Generator().manual_seed(5)
-    sample = lambda **kw: model.generate(xa, [1, 2], eot=0, max_new_tokens=10, **kw).tokens
+    sample = lambda **kw: generate(model, xa, [1, 2], eot=0, max_new_tokens=10, **kw).tokens
     a = sample(temperature=1.0, generator=g())
     b = sample(temperature=1.0, generator=g())
     assert a == b
@@ -173,17 +174,17 @@ def test_padding_mask_makes_each_clip_independent_of_its_batch(conv_stride):
     with torch.no_grad():
         xa, xm = model.encoder(batch, mask), model.encoder.frames_mask(mask)
         logits = model(batch, tokens, mask)
-        greedy = model.generate(xa, [1, 2], 0, max_new_tokens=8, xa_mask=xm).tokens
-        beam = model.beam_search(xa, [1, 2], 0, beam_size=3, max_new_tokens=8, xa_mask=xm).tokens
-        unmasked = model.generate(xa, [1, 2], 0, max_new_tokens=8).tokens
+        greedy = generate(model, xa, [1, 2], 0, max_new_tokens=8, xa_mask=xm).tokens
+        beam = beam_search(model, xa, [1, 2], 0, beam_size=3, max_new_tokens=8, xa_mask=xm).tokens
+        unmasked = generate(model, xa, [1, 2], 0, max_new_tokens=8).tokens
         for b, m in enumerate(mels):
             alone = model.encoder(m[None])
             torch.testing.assert_close(xa[b, :alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(logits[b], model(m[None], tokens[b:b + 1])[0], atol=1e-5,
                                        rtol=1e-5)
-            assert greedy[b] == model.generate(alone, [1, 2], 0, max_new_tokens=8).tokens[0]
-            assert beam[b] == model.beam_search(alone, [1, 2], 0, beam_size=3,
-                                                max_new_tokens=8).tokens[0]
+            assert greedy[b] == generate(model, alone, [1, 2], 0, max_new_tokens=8).tokens[0]
+            assert beam[b] == beam_search(model, alone, [1, 2], 0, beam_size=3,
+                                          max_new_tokens=8).tokens[0]
     assert unmasked != greedy  # without the mask the padding changes the transcripts
     assert length_mask(torch.tensor([200, 200]), 200) is None  # nothing padded: no mask at all
 
@@ -206,3 +207,12 @@ def test_imports_flow_one_way():
         return set().union(*[{d} | below(d, path + (m,)) for d in deps[m]]) if deps[m] else set()
     for m in mods:
         below(m)
+
+def test_core_files_stay_small():
+    """The six core files read in one sitting: at most 2,200 lines, none over 100 characters."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    core = ['model', 'data', 'train', 'distill', 'evaluate', 'configurator']
+    lines = {m: open(os.path.join(root, m + '.py')).read().splitlines() for m in core}
+    assert sum(map(len, lines.values())) <= 2200
+    long = [(m, i + 1) for m, ls in lines.items() for i, line in enumerate(ls) if len(line) > 100]
+    assert not long, f"lines over 100 characters: {long}"
