@@ -2,7 +2,8 @@
 The paper's Table 1 in miniature, on real Whisper weights (CPU is enough):
 
     python demo.py                      # the full demo: Whisper base teacher, Piper-voice corpus
-    python demo.py --split=dev          # the same rows scored on dev (choose settings here)
+    python demo.py --split=dev          # the same rows scored on dev, 150 sentences of their own
+                                        # (choose settings here)
     python demo.py --small=True         # a smoke run: tiny corpus, a few steps per row (plumbing)
     python demo.py --rows=base,opd      # some rows only; later rows reuse earlier rows' checkpoints
     python demo.py --seed=1             # another training seed (same corpus) -> out/demo_seed1/
@@ -12,8 +13,8 @@ Speech: fortunes sentences in the Piper voice (synth.py); the second column is t
 dev) sentences in espeak-ng voices never heard in training. Rows: base = a 2-layer-decoder student
 on base's frozen encoder (teacher decoder layers 0 and 5), SFT on the n_labeled clips that keep
 their labels (train.py). From base, on other audio without its labels, the same number
-of updates each: opd (distill.py: topk_union, greedy), opd_rkl (reverse KL, sampled rollouts),
-td (train.py on the teacher's transcripts), td_opd (td, then opd), dw (distil-whisper's objective
+of updates each: opd (distill.py: topk_union, greedy, with the anti-loop measures), opd_pure
+(the paper's loss alone), opd_rkl (reverse KL, sampled rollouts; not in the default), td (train.py on the teacher's transcripts), td_opd (td, then opd), dw (distil-whisper's objective
 on the teacher's transcripts: what users run today; not OPD). References: teacher (Whisper
 base) and tiny_en (Whisper tiny.en). The paper's own student shape, an audio-LLM (base's frozen
 encoder -> adapter -> a causal LM of 4 blocks from base's decoder layers 0 and 5): ark_base
@@ -48,47 +49,54 @@ import checkpoint
 
 # -----------------------------------------------------------------------------
 small = False  # the smoke run
-rows = 'base,opd,td,td_opd,dw,teacher,tiny_en'  # opd_rkl (not in the paper's table): --rows=
+rows = 'base,opd,opd_pure,td,td_opd,dw,teacher,tiny_en'  # opd_rkl (not in the paper's): --rows=
 seed = 1337  # the training seed; the corpus is the same for every seed
 split = 'test'  # 'dev': score on the dev split (val, val_espeak) to choose settings; no test
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
-STUDENT_ROWS = ['base', 'opd', 'opd_rkl', 'td', 'td_opd', 'dw', 'ark_base', 'ark_opd']
-INIT = {'opd': 'base', 'opd_rkl': 'base', 'td': 'base', 'td_opd': 'td', 'dw': 'base',
-        'ark_opd': 'ark_base'}
+STUDENT_ROWS = ['base', 'opd', 'opd_pure', 'opd_rkl', 'td', 'td_opd', 'dw', 'ark_base', 'ark_opd']
+INIT = {'opd': 'base', 'opd_pure': 'base', 'opd_rkl': 'base', 'td': 'base', 'td_opd': 'td',
+        'dw': 'base', 'ark_opd': 'ark_base'}
 BASE_OF = dict(INIT, td_opd='base')  # the row whose gap to the teacher a row closes
 ARK_ROWS = {'ark_base', 'ark_opd'}  # the audio-LLM student: its own training clips
 REF_ROWS = ['teacher', 'tiny_en']
 CACHE_DIR = 'out/demo/encoder_cache'  # base's encoder outputs, shared by every row, seed and run
 CORPUS_SEED = 1337
-# The corpus: fortunes sentences in the Piper voice (train, val = dev, test), and val's and test's
-# sentences again in espeak-ng voices never heard in training (val_espeak, test_espeak: 2 voice
-# families each, disjoint), the out-of-domain column. n_labeled training clips keep their labels
-# (base's SFT data); the n_unlabeled others are the audio of the later rows. The audio-LLM rows
-# have their own ark_n_train clips, the first ark_n_labeled with their labels
+# The corpus: fortunes sentences in the Piper voice (train, test), and test's sentences again in
+# espeak-ng voices never heard in training (test_espeak: 2 voice families), the out-of-domain
+# column. n_labeled training clips keep their labels (base's SFT data); the n_unlabeled others
+# are the audio of the later rows. The audio-LLM rows have their own ark_n_train clips, the first
+# ark_n_labeled with their labels. Dev is a corpus of its own: n_dev sentences after the first
+# dev_skip of the same order (the two corpora above use 2,190), so none is in test or train, in
+# the Piper voice (val) and in 2 more espeak-ng families (val_espeak). (The corpus's own val of
+# n_val sentences is unused: it stays so that test's sentences stay the same.)
 FULL = dict(corpus='data/synth_piper', n_labeled=80, n_unlabeled=320, n_val=40, n_test=150,
             ood_voices=2, speed_utts=16, ark_corpus='data/synth_piper_ark', ark_n_train=2000,
-            ark_n_labeled=1600)
+            ark_n_labeled=1600, dev_corpus='data/synth_piper_demo_dev', n_dev=150,
+            dev_skip=2190)
 # The smoke run: a tiny corpus, and every row's recipe cut to a few steps on small batches
 # (smoke); base and ark_base, which keep their best val WER's weights, a few more, with evals
 SMALL = dict(FULL, corpus='data/synth_piper_small', ark_corpus='data/synth_piper_ark_small',
              ark_n_train=16, ark_n_labeled=12, n_labeled=3, n_unlabeled=12, n_val=4,
-             n_test=6, ood_voices=1, speed_utts=4,
+             n_test=6, ood_voices=1, speed_utts=4, dev_corpus='data/synth_piper_demo_dev_small',
+             n_dev=4,
              smoke=dict(max_iters=3, batch_size=4, val_max_utts=4),
              smoke_sft=dict(max_iters=12, eval_interval=6))
 # Each student row runs its recipe in config/, which holds all of the row's training settings;
 # demo.py overrides only this run's paths (recipe_run) and the seed, and in the smoke run the sizes
 RECIPES = {'base': ('train.py', 'config/train_demo_base.py'),
            'opd': ('distill.py', 'config/distill_demo_opd.py'),
+           'opd_pure': ('distill.py', 'config/distill_demo_opd_pure.py'),
            'opd_rkl': ('distill.py', 'config/distill_demo_opd_rkl.py'),
            'td': ('train.py', 'config/train_demo_td.py'),
            'dw': ('train.py', 'config/train_demo_dw.py'),
            'td_opd': ('distill.py', 'config/distill_demo_opd.py'),  # opd's, from td's weights
            'ark_base': ('train.py', 'config/train_ark_base.py'),
            'ark_opd': ('distill.py', 'config/distill_ark_opd.py')}
-TRAIN_DATA = {'base': 'labeled', 'opd': 'unlabeled', 'opd_rkl': 'unlabeled',
-              'td_opd': 'unlabeled', 'ark_base': 'ark_train', 'ark_opd': 'ark_unlabeled'}
+TRAIN_DATA = {'base': 'labeled', 'opd': 'unlabeled', 'opd_pure': 'unlabeled',
+              'opd_rkl': 'unlabeled', 'td_opd': 'unlabeled', 'ark_base': 'ark_train',
+              'ark_opd': 'ark_unlabeled'}
 cfg = SMALL if small else FULL
 base_out = 'out/demo' + ('_small' if small else '')
 out = base_out + (f'_seed{seed}' if seed != 1337 else '')
@@ -108,13 +116,18 @@ def prepare_data():
         synth.synth_corpus(cfg['corpus'], text='fortunes', voices='piper',
                            n_train=cfg['n_labeled'] + cfg['n_unlabeled'], n_val=cfg['n_val'],
                            n_test=cfg['n_test'], ood_voices=cfg['ood_voices'], seed=CORPUS_SEED)
+    if not os.path.exists(os.path.join(cfg['dev_corpus'], 'val_espeak.jsonl')):
+        synth.synth_corpus(cfg['dev_corpus'], text='fortunes', voices='piper', n_train=0,
+                           n_val=cfg['n_dev'], n_test=0, ood_voices=cfg['ood_voices'],
+                           skip=cfg['dev_skip'], seed=CORPUS_SEED)
     train = data.read_manifest(os.path.join(cfg['corpus'], 'train.jsonl'))
     n_lab = cfg['n_labeled']
     unlabeled = [{k: v for k, v in r.items() if k != 'text'} for r in train[n_lab:]]
     paths = {'labeled': os.path.join(out, 'labeled.jsonl'),
              'unlabeled': os.path.join(out, 'unlabeled.jsonl')}
     for name in ('val', 'val_espeak', 'test', 'test_espeak'):
-        paths[name] = os.path.join(cfg['corpus'], f'{name}.jsonl')
+        corpus = cfg['dev_corpus' if name.startswith('val') else 'corpus']
+        paths[name] = os.path.join(corpus, f'{name}.jsonl')
     data.write_manifest(paths['labeled'], train[:n_lab])
     data.write_manifest(paths['unlabeled'], unlabeled)
     print(f"demo data: {n_lab} labeled + {len(unlabeled)} unlabeled train utterances -> {out}")
@@ -153,7 +166,7 @@ def recipe_run(row, paths):
     The overrides are this run's paths and seed; the smoke run's sizes too."""
     script, recipe = RECIPES[row]
     rdir = os.path.join(out, row)
-    train = (os.path.join(rdir, 'teacher_labels.jsonl') if row in ('td', 'dw')  # teacher_labels
+    train = (os.path.join(out, 'teacher_labels.jsonl') if row in ('td', 'dw')  # teacher_labels
              else paths[TRAIN_DATA[row]])
     kw = dict(out_dir=rdir, train_manifest=train, val_manifest=paths['val'],
               encoder_cache_dir=CACHE_DIR, seed=seed)
@@ -195,8 +208,9 @@ def train_row(row, paths, cache):
     if os.path.exists(os.path.join(rdir, 'log.jsonl')):
         os.remove(os.path.join(rdir, 'log.jsonl'))
     t0 = time.time()
-    if row in ('td', 'dw'):  # their training data: the teacher's transcripts of the unlabeled clips
-        teacher_labels(paths, cache, os.path.join(rdir, 'teacher_labels.jsonl'))
+    labels = os.path.join(out, 'teacher_labels.jsonl')  # td's and dw's data, made once
+    if row in ('td', 'dw') and not os.path.exists(labels):
+        teacher_labels(paths, cache, labels)
     cmd = run(*recipe_run(row, paths))
     summary = {'wall_s': time.time() - t0, 'ckpt': os.path.join(rdir, 'ckpt.pt'),
                'vuss_log': vuss_of(rdir), 'cmd': ' '.join(cmd[1:])}
@@ -390,7 +404,7 @@ def plot(results):
               color=['C1' if r in REF_ROWS else 'C0' for r in names])
     ax[0].set_ylabel('test WER (%)')
     ax[0].tick_params(axis='x', rotation=30)
-    for row in ('opd', 'opd_rkl', 'td_opd', 'ark_opd'):
+    for row in ('opd', 'opd_pure', 'opd_rkl', 'td_opd', 'ark_opd'):
         path = os.path.join(out, row, 'log.jsonl')
         if os.path.exists(path):
             log = [r for r in map(json.loads, open(path)) if 'kl_st' in r]

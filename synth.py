@@ -213,6 +213,32 @@ def synth_shard(jobs):
         durations.append(write_clip(path, x, sr, snr_db, seed))
     return durations
 
+def corpus_texts(text, n_train, n_val, n_test, rng, skip=0):
+    """The sentences of each split -> {'val', 'test', 'train'}: val first, then test, then train,
+    in the order rng draws (after the first skip of it: fortunes and zh)."""
+    total = n_train + n_val + n_test
+    if text == 'grammar':
+        pool = {}  # distinct sentences, in order
+        for _ in range(50 * total):
+            if len(pool) == total:
+                break
+            pool[grammar_sentence(rng)] = None
+        pool = list(pool)
+    elif text in ('fortunes', 'zh'):
+        pool = fortunes_sentences() if text == 'fortunes' else zh_sentences()
+        pool = [pool[i] for i in rng.permutation(len(pool))][skip:]
+    else:
+        raise ValueError(f"unknown --text={text} (grammar, fortunes or zh)")
+    n_eval = n_val + n_test
+    if len(pool) < n_eval + 1:
+        raise ValueError(f"only {len(pool)} distinct sentences for {text}, need more than {n_eval}")
+    texts = dict(val=pool[:n_val], test=pool[n_val:n_eval], train=pool[n_eval:n_eval + n_train])
+    if len(texts['train']) < n_train:  # train sentences repeat (other voices), never val/test's
+        print(f"note: {len(pool) - n_eval} distinct train sentences for n_train={n_train}; "
+              "repeating them")
+        texts['train'] = [texts['train'][i % len(texts['train'])] for i in range(n_train)]
+    return texts
+
 def synth_corpus(out, text='grammar', n_train=3000, n_val=200, n_test=200, holdout_voices=0,
                  noise=0.0, snr_min=5.0, snr_max=30.0, seed=1337, workers=2, voices='espeak',
                  ood_voices=0, skip=0):
@@ -236,27 +262,7 @@ def synth_corpus(out, text='grammar', n_train=3000, n_val=200, n_test=200, holdo
                              "with voices='piper': use ood_voices")
         piper_modules()  # a missing package fails here, before any synthesis
     counts = dict(train=n_train, val=n_val, test=n_test)
-    total = sum(counts.values())
-    if text == 'grammar':
-        pool = {}  # distinct sentences, in order
-        for _ in range(50 * total):
-            if len(pool) == total:
-                break
-            pool[grammar_sentence(rng)] = None
-        pool = list(pool)
-    elif text in ('fortunes', 'zh'):
-        pool = fortunes_sentences() if text == 'fortunes' else zh_sentences()
-        pool = [pool[i] for i in rng.permutation(len(pool))][skip:]
-    else:
-        raise ValueError(f"unknown --text={text} (grammar, fortunes or zh)")
-    n_eval = n_val + n_test
-    if len(pool) < n_eval + 1:
-        raise ValueError(f"only {len(pool)} distinct sentences for {text}, need more than {n_eval}")
-    texts = dict(val=pool[:n_val], test=pool[n_val:n_eval], train=pool[n_eval:n_eval + n_train])
-    if len(texts['train']) < n_train:  # train sentences repeat (other voices), never val/test's
-        print(f"note: {len(pool) - n_eval} distinct train sentences for n_train={n_train}; "
-              "repeating them")
-        texts['train'] = [texts['train'][i % len(texts['train'])] for i in range(n_train)]
+    texts = corpus_texts(text, n_train, n_val, n_test, rng, skip)
     espeak = espeak_voices(lang)
     families = sorted({f for f, _ in espeak})
     n_held = holdout_voices + 2 * ood_voices + (voices != 'piper')  # + 1: some left for train

@@ -16,8 +16,8 @@ lm_lr_scale = 0.1
 freeze_embeddings = True
 encoder_cache_dir = 'out/demo/encoder_cache'  # the demo's cached base encoder outputs
 train_manifest = 'out/demo/ark_labeled.jsonl'  # python demo.py --rows=ark_base writes it
-val_manifest = 'data/synth_piper/val.jsonl'  # dev
-val_max_utts = 40
+val_manifest = 'data/synth_piper_demo_dev/val.jsonl'  # dev (demo.py builds it)
+val_max_utts = 150
 eval_batch_size = 32
 lowercase = False
 cpu_bf16 = True

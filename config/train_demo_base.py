@@ -10,8 +10,8 @@ student_layers = 2
 freeze_embeddings = True  # token (= tied output) and position embeddings stay the teacher's
 encoder_cache_dir = 'out/demo/encoder_cache'  # the demo's cached base encoder outputs
 train_manifest = 'out/demo/labeled.jsonl'  # the 80 labeled clips (demo.py writes it)
-val_manifest = 'data/synth_piper/val.jsonl'  # dev
-val_max_utts = 40
+val_manifest = 'data/synth_piper_demo_dev/val.jsonl'  # dev (demo.py builds it)
+val_max_utts = 150
 eval_batch_size = 32
 lowercase = False
 cpu_bf16 = True
