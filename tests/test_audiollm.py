@@ -300,13 +300,10 @@ def real_pair(weights):
     return (load_tokenizer(os.path.join(weights, 'base'), 51865),
             ChatMLTokenizer(GGUFTokenizer(load_gguf('smollm2')[2])))
 
-def test_text_route_real_tokenizers_equals_brute_force(real_pair):
-    """Whisper base's tokenizer as the teacher's, SmolLM2's as the student's (tiny random models of
-    those vocabularies: rollouts of arbitrary tokens). The teacher segments most rollouts
-    otherwise, some contain a teacher token with no student string (cut there), many teacher
-    top-k ids have no student id; the loss and every count are the brute force's."""
+def real_pair_sides(t_tok, s_tok, idx=(0, 1, 2, 3)):
+    """Tiny random models of the real pair's vocabularies (rollouts of arbitrary tokens), the
+    student a LLaMA audio-LLM: (student, its Side, the teacher's Side, the id maps) on clips idx."""
     from model import AudioLLMDimensions
-    t_tok, s_tok = real_pair
     teacher = tiny(5, t_tok.n_vocab, std=0.3)
     torch.manual_seed(16)  # a draw where 2 of the 4 rollouts hold a token SmolLM2 lacks
     student = AudioLLM(AudioLLMDimensions(
@@ -314,13 +311,23 @@ def test_text_route_real_tokenizers_equals_brute_force(real_pair):
         n_vocab=s_tok.n_vocab, n_text_ctx=256, n_text_state=64, n_text_head=4, n_text_layer=2,
         audio_token=s_tok.audio, n_kv_head=2, n_mlp=128))
     student.encoder.load_state_dict(teacher.encoder.state_dict())
+    student.encoder.requires_grad_(False)
     for p in student.decoder.parameters():
         p.data.normal_(0, 0.3)
     xa, m, frames = clips(teacher)
-    maps = token_map(t_tok, s_tok), token_map(s_tok, t_tok)
-    S = Side(student.train(), s_tok, xa, m, [s_tok.prompt(f) for f in frames])
-    total, n, stats = opd_step(S, Side(teacher, t_tok, xa, m, [t_tok.sot_sequence('en')] * 4),
-                               Rescore(student), BOUNDS, HP, maps)
+    idx = list(idx)
+    S = Side(student.train(), s_tok, xa[idx], m[idx], [s_tok.prompt(frames[i]) for i in idx])
+    T = Side(teacher, t_tok, xa[idx], m[idx], [t_tok.sot_sequence('en')] * len(idx))
+    return student, S, T, (token_map(t_tok, s_tok), token_map(s_tok, t_tok))
+
+def test_text_route_real_tokenizers_equals_brute_force(real_pair):
+    """Whisper base's tokenizer as the teacher's, SmolLM2's as the student's. The teacher segments
+    most rollouts otherwise, some contain a teacher token with no student string (cut there),
+    many teacher top-k ids have no student id; the loss and every count are the brute force's."""
+    t_tok, s_tok = real_pair
+    student, S, T, maps = real_pair_sides(t_tok, s_tok)
+    total, n, stats = opd_step(S, T, Rescore(student), BOUNDS, HP, maps)
+    teacher, xa, m, frames = T.model, S.xa, S.xa_mask, clips(T.model)[2]
     expect, count, brute = brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, 8,
                                             t_tok.sot_sequence('en'))
     assert count == n.item() > 0
@@ -451,6 +458,46 @@ def test_ddp_rank_that_drops_every_rollout(tmp_path):
     for g0, g1, p in zip(r0['grads'], r1['grads'], student.decoder.parameters()):
         torch.testing.assert_close(g0, p.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(g1, p.grad, rtol=1e-5, atol=1e-7)  # DDP averaged them
+
+def _ddp_text_rank(rank, port, out, dicts):
+    """One of 2 gloo ranks: the real pair's text route on clips 2 rank, 2 rank + 1."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from tokenizer import tokenizer_from_dict
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    idx = [2 * rank, 2 * rank + 1]
+    student, S, T, maps = real_pair_sides(*map(tokenizer_from_dict, dicts), idx)
+    rescore = DDP(Rescore(student))
+    total, n, stats = opd_step(S, T, rescore, [BOUNDS[i] for i in idx], HP, maps)
+    count = n.float()
+    dist.all_reduce(count)
+    (total / count * 2).backward()  # the global mean, as distill.py's update takes it
+    torch.save({'grads': [p.grad for p in student.decoder.parameters()], 'stats': stats},
+               f'{out}.{rank}')
+    dist.destroy_process_group()
+
+def test_text_route_real_pair_two_ranks_equal_one_process(real_pair, tmp_path):
+    """The real pair's text route split over 2 gloo ranks (2 clips each): the counts add up to one
+    process's on all 4 clips, and DDP's averaged gradients are that process's."""
+    import socket
+    import torch.multiprocessing as mp
+    t_tok, s_tok = real_pair
+    with socket.socket() as s_:
+        s_.bind(('127.0.0.1', 0))
+        port = s_.getsockname()[1]
+    mp.spawn(_ddp_text_rank, args=(port, str(tmp_path / 'r'), (t_tok.to_dict(), s_tok.to_dict())),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f'r.{r}', weights_only=False) for r in (0, 1)]
+    student, S, T, maps = real_pair_sides(t_tok, s_tok)
+    total, n, stats = opd_step(S, T, Rescore(student), BOUNDS, HP, maps)
+    (total / n).backward()
+    for k in ('positions', 'rollouts', 'mismatch', 'truncated', 'unmapped', 'topk_ids'):
+        assert sum(r['stats'][k] for r in ranks) == stats[k], k
+    assert stats['mismatch'] >= 2 and stats['truncated'] >= 1
+    for g0, g1, p in zip(ranks[0]['grads'], ranks[1]['grads'], student.decoder.parameters()):
+        torch.testing.assert_close(g0, p.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g1, p.grad, rtol=1e-4, atol=1e-6)
 
 # -----------------------------------------------------------------------------
 # the scripts: Ark-Base (train.py --student=audio_llm), then OPD (distill.py) on it
