@@ -14,7 +14,8 @@ dev) sentences in espeak-ng voices never heard in training. Rows: base = a 2-lay
 on base's frozen encoder (teacher decoder layers 0 and 5), SFT on the n_labeled clips that keep
 their labels (train.py). From base, on other audio without its labels, the same number
 of updates each: opd (distill.py: topk_union, greedy, with the anti-loop measures), opd_pure
-(the paper's loss alone), opd_rkl (reverse KL, sampled rollouts; not in the default), td (train.py on the teacher's transcripts), td_opd (td, then opd), dw (distil-whisper's objective
+(the paper's loss alone), opd_rkl (reverse KL, sampled rollouts; not in the default), td
+(train.py on the teacher's transcripts), td_opd (td, then opd), dw (distil-whisper's objective
 on the teacher's transcripts: what users run today; not OPD). References: teacher (Whisper
 base) and tiny_en (Whisper tiny.en). The paper's own student shape, an audio-LLM (base's frozen
 encoder -> adapter -> a causal LM of 4 blocks from base's decoder layers 0 and 5): ark_base
@@ -100,6 +101,7 @@ TRAIN_DATA = {'base': 'labeled', 'opd': 'unlabeled', 'opd_pure': 'unlabeled',
 cfg = SMALL if small else FULL
 base_out = 'out/demo' + ('_small' if small else '')
 out = base_out + (f'_seed{seed}' if seed != 1337 else '')
+TEACHER_LABELS = os.path.join(out, 'teacher_labels.jsonl')  # td's and dw's data, made once
 want = [r for r in rows.split(',') if r]
 if split not in ('dev', 'test'):
     sys.exit(f"demo.py: error: split={split!r}: expected dev or test")
@@ -166,8 +168,7 @@ def recipe_run(row, paths):
     The overrides are this run's paths and seed; the smoke run's sizes too."""
     script, recipe = RECIPES[row]
     rdir = os.path.join(out, row)
-    train = (os.path.join(out, 'teacher_labels.jsonl') if row in ('td', 'dw')  # teacher_labels
-             else paths[TRAIN_DATA[row]])
+    train = TEACHER_LABELS if row in ('td', 'dw') else paths[TRAIN_DATA[row]]
     kw = dict(out_dir=rdir, train_manifest=train, val_manifest=paths['val'],
               encoder_cache_dir=CACHE_DIR, seed=seed)
     if row in INIT:
@@ -208,9 +209,8 @@ def train_row(row, paths, cache):
     if os.path.exists(os.path.join(rdir, 'log.jsonl')):
         os.remove(os.path.join(rdir, 'log.jsonl'))
     t0 = time.time()
-    labels = os.path.join(out, 'teacher_labels.jsonl')  # td's and dw's data, made once
-    if row in ('td', 'dw') and not os.path.exists(labels):
-        teacher_labels(paths, cache, labels)
+    if row in ('td', 'dw') and not os.path.exists(TEACHER_LABELS):
+        teacher_labels(paths, cache, TEACHER_LABELS)
     cmd = run(*recipe_run(row, paths))
     summary = {'wall_s': time.time() - t0, 'ckpt': os.path.join(rdir, 'ckpt.pt'),
                'vuss_log': vuss_of(rdir), 'cmd': ' '.join(cmd[1:])}

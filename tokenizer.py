@@ -1,10 +1,10 @@
 """
 Tokenizers, all with encode, decode, eot, sot, n_vocab, sot_sequence(language), suppress,
 suppress_blank and to_dict (tokenizer_from_dict reads it back): SentencePieceTokenizer (a small one
-trained for models from scratch), Whisper's byte-level BPE on tiktoken (WhisperTokenizer, read from tokenizer.json,
-vocabulary.json/.txt or .tiktoken files), the audio-LLM's ChatTokenizer on top of one, a GGUF
-chat LM's byte-level BPE (GGUFTokenizer: SmolLM2's), the map between two vocabularies by token
-string (token_map), and tokenizer_from_dict (a checkpoint's).
+trained for models from scratch), Whisper's byte-level BPE on tiktoken (WhisperTokenizer, read
+from tokenizer.json, vocabulary.json/.txt or .tiktoken files), the audio-LLM's ChatTokenizer on top
+of one, a GGUF chat LM's byte-level BPE (GGUFTokenizer: SmolLM2's), the map between two
+vocabularies by token string (token_map), and tokenizer_from_dict (a checkpoint's).
 """
 import base64
 import io

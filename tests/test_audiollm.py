@@ -302,7 +302,8 @@ def real_pair(weights):
 
 def real_pair_sides(t_tok, s_tok, idx=(0, 1, 2, 3)):
     """Tiny random models of the real pair's vocabularies (rollouts of arbitrary tokens), the
-    student a LLaMA audio-LLM: (student, its Side, the teacher's Side, the id maps) on clips idx."""
+    student a LLaMA audio-LLM: (student, its Side, the teacher's Side, the id maps, the clips' mel
+    frames) on clips idx."""
     from model import AudioLLMDimensions
     teacher = tiny(5, t_tok.n_vocab, std=0.3)
     torch.manual_seed(16)  # a draw where 2 of the 4 rollouts hold a token SmolLM2 lacks
@@ -318,18 +319,18 @@ def real_pair_sides(t_tok, s_tok, idx=(0, 1, 2, 3)):
     idx = list(idx)
     S = Side(student.train(), s_tok, xa[idx], m[idx], [s_tok.prompt(frames[i]) for i in idx])
     T = Side(teacher, t_tok, xa[idx], m[idx], [t_tok.sot_sequence('en')] * len(idx))
-    return student, S, T, (token_map(t_tok, s_tok), token_map(s_tok, t_tok))
+    maps = token_map(t_tok, s_tok), token_map(s_tok, t_tok)
+    return student, S, T, maps, [frames[i] for i in idx]
 
 def test_text_route_real_tokenizers_equals_brute_force(real_pair):
     """Whisper base's tokenizer as the teacher's, SmolLM2's as the student's. The teacher segments
     most rollouts otherwise, some contain a teacher token with no student string (cut there),
     many teacher top-k ids have no student id; the loss and every count are the brute force's."""
     t_tok, s_tok = real_pair
-    student, S, T, maps = real_pair_sides(t_tok, s_tok)
+    student, S, T, maps, frames = real_pair_sides(t_tok, s_tok)
     total, n, stats = opd_step(S, T, Rescore(student), BOUNDS, HP, maps)
-    teacher, xa, m, frames = T.model, S.xa, S.xa_mask, clips(T.model)[2]
-    expect, count, brute = brute_text_route(student, teacher, s_tok, t_tok, xa, m, frames, 8,
-                                            t_tok.sot_sequence('en'))
+    expect, count, brute = brute_text_route(student, T.model, s_tok, t_tok, S.xa, S.xa_mask,
+                                            frames, 8, t_tok.sot_sequence('en'))
     assert count == n.item() > 0
     assert math.isclose(total.item(), expect, rel_tol=1e-4)
     assert {k: stats[k] for k in brute} == brute
@@ -412,13 +413,9 @@ def test_empty_rollouts_score_nothing_and_still_backward(toks):
     total.backward()
     assert all(p.grad is not None for p in student.decoder.parameters() if p.requires_grad)
 
-def _ddp_rank(rank, port, out):
-    """One of 2 gloo ranks: the same OPD step through text, but rank 1's teacher->student map has
-    no ids (every rollout dropped: no position to score)."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+def _dropping_rank(rank, _):
+    """The OPD step through text with identity maps, but rank 1's teacher->student map has no ids
+    (every rollout dropped: no position to score) -> (student, S, T, bounds, maps)."""
     tok, ident = CharTokenizer(), torch.arange(60)
     teacher, student = tiny(3, 60, 0.3, n_text_ctx=40), tiny(4, 60, 0.3, n_text_ctx=40).train()
     student.encoder.requires_grad_(False)  # as distill.py has it: DDP syncs the decoder's grads
@@ -426,9 +423,25 @@ def _ddp_rank(rank, port, out):
         xa = teacher.encoder(torch.randn(4, 80, 120, generator=torch.Generator().manual_seed(0)))
     none = torch.where(ident == tok.eot, ident, -1)
     S, T = Side(student, tok, xa, None, [[tok.sot]] * 4), Side(teacher, tok, xa, None, [[tok.sot]] * 4)
+    return student, S, T, BOUNDS, (ident, ident) if rank == 0 else (none, ident)
+
+def _real_pair_rank(rank, dicts):
+    """The real pair's text route on clips 2 rank, 2 rank + 1 -> (student, S, T, bounds, maps)."""
+    from tokenizer import tokenizer_from_dict
+    idx = [2 * rank, 2 * rank + 1]
+    student, S, T, maps, _ = real_pair_sides(*map(tokenizer_from_dict, dicts), idx)
+    return student, S, T, [BOUNDS[i] for i in idx], maps
+
+def _ddp_rank(rank, port, out, case, arg):
+    """One of 2 gloo ranks: one OPD step on case(rank, arg)'s sides, the update's backward as
+    distill.py takes it; its gradients and stats saved to out.<rank>."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    student, S, T, bounds, maps = case(rank, arg)
     rescore = DDP(Rescore(student))  # held until the backward: its reducer syncs the gradients
-    total, n, stats = opd_step(S, T, rescore, BOUNDS, HP,
-                               (ident, ident) if rank == 0 else (none, ident))
+    total, n, stats = opd_step(S, T, rescore, bounds, HP, maps)
     count = n.float()
     dist.all_reduce(count)
     (total / count * 2).backward()  # the global mean, as distill.py's update takes it
@@ -436,60 +449,35 @@ def _ddp_rank(rank, port, out):
                f'{out}.{rank}')
     dist.destroy_process_group()
 
-def test_ddp_rank_that_drops_every_rollout(tmp_path):
-    """2 gloo ranks, one of which drops every rollout: no hang, and the update is the one process
-    would make from the other rank's batch alone."""
+def two_ranks(tmp_path, case, arg=None):
+    """_ddp_rank on 2 gloo processes -> what each rank saved."""
     import socket
     import torch.multiprocessing as mp
     with socket.socket() as s_:
         s_.bind(('127.0.0.1', 0))
         port = s_.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(port, str(tmp_path / 'r')), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f'r.{r}', weights_only=False) for r in (0, 1))
+    mp.spawn(_ddp_rank, args=(port, str(tmp_path / 'r'), case, arg), nprocs=2, join=True)
+    return [torch.load(tmp_path / f'r.{r}', weights_only=False) for r in (0, 1)]
+
+def test_ddp_rank_that_drops_every_rollout(tmp_path):
+    """2 gloo ranks, one of which drops every rollout: no hang, and the update is the one process
+    would make from the other rank's batch alone."""
+    r0, r1 = two_ranks(tmp_path, _dropping_rank)
     assert r1['stats']['truncated'] == 4 and r1['stats']['positions'] == 0
     assert r0['stats']['truncated'] == 0 and r0['stats']['positions'] > 10
-    tok = CharTokenizer()
-    teacher, student = tiny(3, 60, 0.3, n_text_ctx=40), tiny(4, 60, 0.3, n_text_ctx=40).train()
-    with torch.no_grad():
-        xa = teacher.encoder(torch.randn(4, 80, 120, generator=torch.Generator().manual_seed(0)))
-    S, T = Side(student, tok, xa, None, [[tok.sot]] * 4), Side(teacher, tok, xa, None, [[tok.sot]] * 4)
-    total, n, _ = opd_step(S, T, Rescore(student), BOUNDS, HP)
+    student, S, T, bounds, _ = _dropping_rank(0, None)  # rank 0's batch, in one process
+    total, n, _ = opd_step(S, T, Rescore(student), bounds, HP)
     (total / n).backward()
     for g0, g1, p in zip(r0['grads'], r1['grads'], student.decoder.parameters()):
         torch.testing.assert_close(g0, p.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(g1, p.grad, rtol=1e-5, atol=1e-7)  # DDP averaged them
 
-def _ddp_text_rank(rank, port, out, dicts):
-    """One of 2 gloo ranks: the real pair's text route on clips 2 rank, 2 rank + 1."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from tokenizer import tokenizer_from_dict
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
-    idx = [2 * rank, 2 * rank + 1]
-    student, S, T, maps = real_pair_sides(*map(tokenizer_from_dict, dicts), idx)
-    rescore = DDP(Rescore(student))
-    total, n, stats = opd_step(S, T, rescore, [BOUNDS[i] for i in idx], HP, maps)
-    count = n.float()
-    dist.all_reduce(count)
-    (total / count * 2).backward()  # the global mean, as distill.py's update takes it
-    torch.save({'grads': [p.grad for p in student.decoder.parameters()], 'stats': stats},
-               f'{out}.{rank}')
-    dist.destroy_process_group()
-
 def test_text_route_real_pair_two_ranks_equal_one_process(real_pair, tmp_path):
     """The real pair's text route split over 2 gloo ranks (2 clips each): the counts add up to one
     process's on all 4 clips, and DDP's averaged gradients are that process's."""
-    import socket
-    import torch.multiprocessing as mp
     t_tok, s_tok = real_pair
-    with socket.socket() as s_:
-        s_.bind(('127.0.0.1', 0))
-        port = s_.getsockname()[1]
-    mp.spawn(_ddp_text_rank, args=(port, str(tmp_path / 'r'), (t_tok.to_dict(), s_tok.to_dict())),
-             nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f'r.{r}', weights_only=False) for r in (0, 1)]
-    student, S, T, maps = real_pair_sides(t_tok, s_tok)
+    ranks = two_ranks(tmp_path, _real_pair_rank, (t_tok.to_dict(), s_tok.to_dict()))
+    student, S, T, maps, _ = real_pair_sides(t_tok, s_tok)
     total, n, stats = opd_step(S, T, Rescore(student), BOUNDS, HP, maps)
     (total / n).backward()
     for k in ('positions', 'rollouts', 'mismatch', 'truncated', 'unmapped', 'topk_ids'):
