@@ -41,12 +41,11 @@ import zlib
 
 import torch
 
+import checkpoint
 import common
 import data
 import evaluate
-from checkpoint import load_checkpoint
 import synth
-import checkpoint
 
 # -----------------------------------------------------------------------------
 small = False  # the smoke run
@@ -152,7 +151,7 @@ def prepare_data():
 def encode_all(paths):
     """Stage 'encode': base's frozen encoder once per clip (bf16 autocast where the CPU has bf16
     kernels), kept on disk (float16)."""
-    model = load_checkpoint('weights/base')[0]
+    model = checkpoint.load_checkpoint('weights/base')[0]
     cache = common.EncoderCache(model.encoder, CACHE_DIR,
                                 common.autocast('cpu', cpu_bf16=common.cpu_bf16_ok()))
     whisper_rows = set(want) & set(STUDENT_ROWS) - ARK_ROWS  # they train on labeled, unlabeled
@@ -187,7 +186,7 @@ def run(script, recipe, overrides):
 def teacher_labels(paths, cache, path):
     """The teacher's greedy transcripts of the unlabeled clips; those that do not end are
     dropped."""
-    model, tok, _ = load_checkpoint('weights/base')
+    model, tok, _ = checkpoint.load_checkpoint('weights/base')
     rows = data.read_manifest(paths['unlabeled'])
     tokens, ended = evaluate.decode(model, tok, rows, batch_size=16, encode=cache,
                                     max_new_tokens=64, check_speech=True)
@@ -219,7 +218,7 @@ def train_row(row, paths, cache):
     # the last value of every logged field
     summary.update({k: v for r in log for k, v in r.items()})
     if row in ('opd', 'td_opd'):  # the distilled students in openai-whisper's format too
-        model, tok, _ = load_checkpoint(summary['ckpt'])
+        model, tok, _ = checkpoint.load_checkpoint(summary['ckpt'])
         summary['whisper_pt'] = os.path.join(rdir, 'whisper.pt')
         checkpoint.save_pt(model, summary['whisper_pt'], tok)
     with open(os.path.join(rdir, 'summary.json'), 'w') as f:
@@ -263,7 +262,7 @@ def evaluate_row(row, test_rows, cache, name, extra=True):
     """WER greedy on test_rows (the split called name), from cached encoder outputs; the
     base-encoder rows, with extra, also with Whisper's fallback. Also per-utterance (words,
     errors) for the bootstrap."""
-    model, tok, _ = load_checkpoint(row_path(row))
+    model, tok, _ = checkpoint.load_checkpoint(row_path(row))
     if row == 'tiny_en':  # its own encoder, on the same terms as base's, cached on disk
         cache = common.EncoderCache(model.encoder, CACHE_DIR,
                                     common.autocast('cpu', cpu_bf16=common.cpu_bf16_ok()))
@@ -307,7 +306,7 @@ def measure_speed(student_row, test_rows, cache):
     (encoder included) and the decoder alone (cached encoder) in ms per emitted token."""
     speed = {'student_row': student_row, 'utterances': len(test_rows)}
     for name, path in (('teacher', row_path('teacher')), ('student', row_path(student_row))):
-        model, tok, _ = load_checkpoint(path)
+        model, tok, _ = checkpoint.load_checkpoint(path)
         evaluate.transcribe(model, tok, test_rows[:2])  # warm-up
         t0 = time.time()
         hyps = evaluate.transcribe(model, tok, test_rows, batch_size=16)
@@ -376,8 +375,8 @@ def over_seeds(name):
         if len(rs) < len(runs):
             continue
         wer = [r['wer'] for r in rs]
-        gaps = [(r.get('gap_closed', {}).get(row), r.get('gap_closed_ci95', {}).get(row))
-                for r in runs.values()]
+        gaps = [(r.get('gap_closed', {}).get(row), r.get('gap_closed_ci95', {}).get(row)
+                 or [float('nan')] * 2) for r in runs.values()]
         table[row] = dict(wer=wer, ood=[r['ood']['wer'] for r in rs], gap=gaps)
         line = f"{row:<8} " + ' '.join(f"{100 * w:6.2f}" for w in wer)
         line += f" ({100 * sum(wer) / len(wer):.2f})"
@@ -458,18 +457,25 @@ if __name__ == '__main__':
     results['stages_s'] = dict(results.get('stages_s', {}), **stages)
     results['config'] = dict(cfg, seed=seed, small=small)
     results['split'] = list(SETS)
-    results['gap_closed'], results['gap_closed_ci95'] = print_table(results, utts)
-    results['gap_closed_ood'], results['gap_closed_ood_ci95'] = {}, {}
+    # intervals need per-utterance scores, which only this run's rows have in memory: a row not
+    # scored now keeps its interval from the run that scored it, while its gap closed is unchanged
+    old = {k: results.get(k, {}) for k in ('gap_closed', 'gap_closed_ci95', 'gap_closed_ood',
+                                           'gap_closed_ood_ci95')}
+    closes, intervals = print_table(results, utts)
+    closes_ood, intervals_ood = {}, {}
     t = results.get('teacher', {}).get('ood')
     for row in BASE_OF:  # the out-of-domain column: espeak-ng voices
         b = results.get(BASE_OF[row], {}).get('ood')
-        if b and t and b['wer'] != t['wer']:
-            if results.get(row, {}).get('ood') and {row, BASE_OF[row]} <= set(utts_ood):
-                closed = (b['wer'] - results[row]['ood']['wer']) / (b['wer'] - t['wer'])
-                ci = gap_interval(utts_ood, row)
-                results['gap_closed_ood'][row], results['gap_closed_ood_ci95'][row] = closed, ci
-                print(f"{row}: closes {100 * closed:.0f}% of the gap on {SETS[1]} "
+        if b and t and b['wer'] != t['wer'] and results.get(row, {}).get('ood'):
+            closes_ood[row] = (b['wer'] - results[row]['ood']['wer']) / (b['wer'] - t['wer'])
+            if {row, BASE_OF[row]} <= set(utts_ood):
+                intervals_ood[row] = ci = gap_interval(utts_ood, row)
+                print(f"{row}: closes {100 * closes_ood[row]:.0f}% of the gap on {SETS[1]} "
                       f"(95% paired bootstrap {100 * ci[0]:.0f}% .. {100 * ci[1]:.0f}%)")
+    for key, now, ci in (('', closes, intervals), ('_ood', closes_ood, intervals_ood)):
+        kept = {r: c for r, c in old[f'gap_closed{key}_ci95'].items()
+                if r not in ci and now.get(r) == old[f'gap_closed{key}'].get(r)}
+        results[f'gap_closed{key}'], results[f'gap_closed{key}_ci95'] = now, {**kept, **ci}
     for sp in results.get('speed', {}).values():
         print(f"greedy decode speed ({sp['utterances']} utts, encoder included): "
               f"{sp['student_row']} RTFx {sp['student_rtfx']:.1f} vs teacher "

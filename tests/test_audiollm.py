@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import distill
 from checkpoint import load_checkpoint
 from data import Batches, read_manifest, write_manifest
-from distill import (Rescore, Side, Step, length_bounds, masked_log_softmax, opd_step, rollout,
+from distill import (Rescore, Side, Step, length_bounds, masked_log_softmax, opd_step,
                      union_support)
 from decoding import generate, mask_logits
 from model import (MERGE, Adapter, AudioLLM, ModelDimensions, Whisper, audio_tokens, embed_audio,
@@ -516,7 +516,6 @@ def ark(tiny_corpus, toks, tmp_path_factory):
     return d, p
 
 def test_ark_base_trains_and_reloads(ark, toks):
-    import evaluate
     d, p = ark
     loss = [json.loads(r)['loss'] for r in open(d / 'base' / 'log.jsonl') if '"loss"' in r]
     assert len(loss) == 4 and loss[-1] < loss[0]
@@ -542,7 +541,6 @@ def test_ark_opd_lowers_the_kl_to_the_teacher(ark):
     kl = [r['kl_ts'] for r in log if 'kl_ts' in r]
     assert len(kl) == 10 and kl[-1] < 0.5 * kl[0], kl
     assert all(0 <= r['retokenize_mismatch_ratio'] <= 1 for r in log if 'loss' in r)
-    import evaluate
     model, _, _ = load_checkpoint(str(d / 'opd' / 'ckpt.pt'))
     assert isinstance(model, AudioLLM)
 
@@ -550,7 +548,6 @@ def test_lm_lr_scale_and_frozen_embeddings(ark):
     """train.py --lm_lr_scale=0.1 --freeze_embeddings=True (the demo's Ark-Base): the embeddings
     stay as make_audio_llm made them and the checkpoint says so; Adam's steps in the LM are a
     tenth of the adapter's. distill.py (the demo's ark_opd) keeps the same parts frozen."""
-    import evaluate
     d, _ = ark
     run('train.py', dict(student='audio_llm', init_from=d / 'teacher.pt', student_layers=2,
                          lm_lr_scale=0.1, freeze_embeddings=True, train_manifest=d / 'train4.jsonl',

@@ -329,7 +329,6 @@ def test_ddp_two_processes_equal_one(setup):
         torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-5)
 
 def test_resume_is_exact_and_checkpoint_loads(setup):
-    import evaluate
     base, d = setup
     kw = dict(base, temperature=1.0, lr_decay_iters=4)  # sampled rollouts: the generator state resumes too
     run(dict(kw, out_dir=str(d / 'straight'), max_iters=4))
@@ -359,7 +358,6 @@ def test_compiled_path_runs(setup):
 
 def test_distilled_student_exports_to_openai_whisper(setup):
     whisper = pytest.importorskip('whisper')
-    import evaluate
     import checkpoint
     base, d = setup
     run(dict(base, out_dir=str(d / 'export'), max_iters=1))
