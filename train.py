@@ -33,7 +33,7 @@ import evaluate
 from checkpoint import load_checkpoint
 from student import make_audio_llm, make_chat_llm, make_student
 from tokenizer import SentencePieceTokenizer, tokenizer_from_dict
-from model import AudioLLM, ModelDimensions, Whisper, length_mask
+from model import MERGE, AudioLLM, ModelDimensions, Whisper, length_mask
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -70,7 +70,7 @@ n_text_head = 4
 n_text_layer = 4
 conv_stride = 2  # 4: the encoder runs at 25 frames/s instead of 50
 dropout = 0.0
-ctc_weight = 0.0  # > 0 adds a CTC head on the encoder (blank = n_vocab)
+ctc_weight = 0.0  # > 0 adds a CTC head on the encoder (blank = n_vocab; audio-LLM: see ASRLoss)
 # distil-whisper's objective (its training script's defaults): a frozen teacher, the same tokenizer
 teacher_path = ''  # loss = 0.8 CE + kl_weight * kl_tau^2 * KL(p_T || p_S) at temperature kl_tau
 kl_weight = 1.0
@@ -163,7 +163,7 @@ else:
     elif student_layers > 0:
         model = make_student(model, student_layers)
     model = common.with_dropout(model, dropout)
-    if ctc_weight > 0 and model.ctc_head is None:  # a fresh CTC head on the pretrained encoder
+    if ctc_weight > 0 and model.ctc_head is None and not isinstance(model, AudioLLM):
         model.dims = dataclasses.replace(model.dims, ctc=True)
         model.ctc_head = nn.Linear(model.dims.n_audio_state, model.dims.n_vocab + 1)
         Whisper._init_weights(model.ctc_head)
@@ -174,7 +174,7 @@ else:
 frozen = common.freeze(model, frozen)
 dims = model.dims
 audio_llm = isinstance(model, AudioLLM)
-if ctc_weight > 0 and model.ctc_head is None:
+if ctc_weight > 0 and model.ctc_head is None and not audio_llm:
     fail("ctc_weight > 0 but the checkpoint has no CTC head")
 teacher, aux = None, 'kl' if teacher_path else 'ctc'  # the loss's second term, as logged
 if teacher_path:
@@ -241,9 +241,13 @@ class ASRLoss(nn.Module):
         xa = self.model.encoder(mel, mask) if xa is None else xa
         # the audio-LLM's adapter keeps the real audio's frames only, in Whisper's window too
         xa_mask = self.model.encoder.frames_mask(real if audio_llm else mask)
+        w = self.model.decoder.token_embedding.weight  # tied
+        zero = torch.zeros((), device=mel.device)
+        ctc = self.ctc(xa, mel_lengths, targets, w, xa_mask) if ctc_weight > 0 else zero
+        if ctc_weight >= 1:  # CTC alone: the decoder is not run
+            return ctc, zero, ctc.detach()
         h = self.model.decoder(tokens, xa, xa_mask=xa_mask, project=False)
         scored = targets != -100  # only positions with a target go through the output layer
-        w = self.model.decoder.token_embedding.weight  # tied
         logits = (h[scored].to(w.dtype) @ w.T).float()
         ce = F.cross_entropy(logits, targets[scored])
         if teacher is not None:  # distil-whisper: the teacher forced along the same labels
@@ -251,16 +255,25 @@ class ASRLoss(nn.Module):
                 xa_t = xa if shared_encoder else teacher.encoder(mel, mask)
                 t_logits = teacher.decoder(tokens, xa_t, xa_mask=xa_mask)[scored].float()
             return common.distil_whisper_loss(logits, t_logits, targets[scored], kl_tau, kl_weight)
-        if ctc_weight <= 0:
-            return ce, ce.detach(), torch.zeros((), device=ce.device)
-        logp = F.log_softmax(self.model.ctc_head(xa).float(), dim=-1).transpose(0, 1)  # (T, B, V+1)
-        stride = self.model.dims.conv_stride
-        in_lens = torch.div(mel_lengths + stride - 1, stride, rounding_mode='floor')
-        in_lens = in_lens.clamp(max=xa.shape[1])
-        keep = (targets != -100) & (targets != tokenizer.eot)  # CTC targets: the text, no EOT
-        ctc = F.ctc_loss(logp, targets[keep], in_lens, keep.sum(1), blank=self.model.dims.n_vocab,
-                         reduction='mean', zero_infinity=True)
         return (1 - ctc_weight) * ce + ctc_weight * ctc, ce.detach(), ctc.detach()
+
+    def ctc(self, xa, mel_lengths, targets, w, xa_mask):
+        """CTC of the transcript's tokens (no EOT). Whisper: model.ctc_head on the encoder frames,
+        blank = n_vocab. Audio-LLM: the adapter's outputs read through the LM's tied embeddings,
+        blank = <|audio|>, so the adapter learns to speak the LM's input language early."""
+        keep = (targets != -100) & (targets != tokenizer.eot)  # CTC targets: the text, no EOT
+        if audio_llm:
+            in_lens = (xa_mask.sum(1) // MERGE).clamp(min=1)
+            S = MERGE * in_lens.max()  # the frames past every clip's end are not read
+            a = self.model.decoder.adapter(xa[:, :S], xa_mask[:, :S])
+            logits, blank = a.to(w.dtype) @ w.T, tokenizer.audio
+        else:
+            stride = self.model.dims.conv_stride
+            in_lens = torch.div(mel_lengths + stride - 1, stride, rounding_mode='floor')
+            logits, blank = self.model.ctc_head(xa), self.model.dims.n_vocab
+        logp = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (T, B, V)
+        return F.ctc_loss(logp, targets[keep], in_lens.clamp(max=logp.shape[0]), keep.sum(1),
+                          blank=blank, reduction='mean', zero_infinity=True)
 
 raw_model = model
 train_module = ASRLoss(model)

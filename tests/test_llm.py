@@ -289,3 +289,36 @@ def test_chat_llm_scripts(tiny_corpus, weights, tmp_path):
     assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
     assert sum(r["retokenize_mismatch_ratio"] for r in log) > 0
     assert all(0 <= r["unmapped_share"] <= 1 for r in log)
+
+def test_chat_llm_ctc_on_the_adapter(tiny_corpus, weights, tmp_path):
+    """train.py --ctc_weight on the chat-LLM student: CTC of the transcript's tokens on the
+    adapter's outputs read through the LLM's tied embeddings (blank: <|audio|>). At weight 1 the
+    LLM is not run, so it stays as make_chat_llm made it while the CTC loss falls; at 0.5 the
+    loss is half of each term."""
+    import json
+    import subprocess
+    import sys
+    from checkpoint import load_checkpoint
+    from student import make_chat_llm
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    train, val = (os.path.join(tiny_corpus, f"{s}.jsonl") for s in ("train", "val"))
+    kw = dict(student="chat_llm", init_from=os.path.join(weights, "tiny.en"), student_layers=2,
+              lowercase=False, freeze_embeddings=True, train_manifest=train, val_manifest=val,
+              batch_size=4, learning_rate=3e-3, warmup_iters=2, device="cpu")
+    run = lambda **o: subprocess.run(
+        [sys.executable, "train.py"] + [f"--{k}={v}" for k, v in dict(kw, **o).items()],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900, check=True)
+    run(ctc_weight=1.0, out_dir=tmp_path / "ctc", max_iters=30, eval_interval=30, log_interval=10)
+    log = [json.loads(r) for r in open(tmp_path / "ctc" / "log.jsonl") if '"loss"' in r]
+    ctc = [r["ctc"] for r in log]
+    assert len(ctc) == 3 and ctc[-1] < 0.8 * ctc[0] and all(r["ce"] == 0 for r in log), log
+    model, _, _ = load_checkpoint(str(tmp_path / "ctc" / "ckpt.pt"))
+    teacher, _, _ = load_checkpoint(os.path.join(weights, "tiny.en"))
+    init = make_chat_llm(teacher, PATH, 2)[0].decoder.lm.state_dict()
+    assert model.ctc_head is None
+    assert all(torch.equal(v, init[k]) for k, v in model.decoder.lm.state_dict().items())
+    run(ctc_weight=0.5, out_dir=tmp_path / "both", max_iters=2, eval_interval=2, log_interval=1)
+    last = [json.loads(r) for r in open(tmp_path / "both" / "log.jsonl") if '"loss"' in r][-1]
+    assert last["ce"] > 0 and last["ctc"] > 0
+    assert math.isclose(last["loss"], 0.5 * last["ce"] + 0.5 * last["ctc"], rel_tol=1e-4)
