@@ -241,13 +241,13 @@ class ASRLoss(nn.Module):
         xa = self.model.encoder(mel, mask) if xa is None else xa
         # the audio-LLM's adapter keeps the real audio's frames only, in Whisper's window too
         xa_mask = self.model.encoder.frames_mask(real if audio_llm else mask)
-        w = self.model.decoder.token_embedding.weight  # tied
         zero = torch.zeros((), device=mel.device)
-        ctc = self.ctc(xa, mel_lengths, targets, w, xa_mask) if ctc_weight > 0 else zero
+        ctc = self.ctc(xa, mel_lengths, targets, xa_mask) if ctc_weight > 0 else zero
         if ctc_weight >= 1:  # CTC alone: the decoder is not run
             return ctc, zero, ctc.detach()
         h = self.model.decoder(tokens, xa, xa_mask=xa_mask, project=False)
         scored = targets != -100  # only positions with a target go through the output layer
+        w = self.model.decoder.token_embedding.weight  # tied
         logits = (h[scored].to(w.dtype) @ w.T).float()
         ce = F.cross_entropy(logits, targets[scored])
         if teacher is not None:  # distil-whisper: the teacher forced along the same labels
@@ -257,7 +257,7 @@ class ASRLoss(nn.Module):
             return common.distil_whisper_loss(logits, t_logits, targets[scored], kl_tau, kl_weight)
         return (1 - ctc_weight) * ce + ctc_weight * ctc, ce.detach(), ctc.detach()
 
-    def ctc(self, xa, mel_lengths, targets, w, xa_mask):
+    def ctc(self, xa, mel_lengths, targets, xa_mask):
         """CTC of the transcript's tokens (no EOT). Whisper: model.ctc_head on the encoder frames,
         blank = n_vocab. Audio-LLM: the adapter's outputs read through the LM's tied embeddings,
         blank = <|audio|>, so the adapter learns to speak the LM's input language early."""
@@ -266,6 +266,7 @@ class ASRLoss(nn.Module):
             in_lens = (xa_mask.sum(1) // MERGE).clamp(min=1)
             S = MERGE * in_lens.max()  # the frames past every clip's end are not read
             a = self.model.decoder.adapter(xa[:, :S], xa_mask[:, :S])
+            w = self.model.decoder.token_embedding.weight  # tied
             logits, blank = a.to(w.dtype) @ w.T, tokenizer.audio
         else:
             stride = self.model.dims.conv_stride
