@@ -8,6 +8,7 @@ The paper's Table 1 in miniature, on real Whisper weights (CPU is enough):
     python demo.py --rows=base,opd      # some rows only; later rows reuse earlier rows' checkpoints
     python demo.py --seed=1             # another training seed (same corpus) -> out/demo_seed1/
     python demo.py --rows=ark_base,ark_opd,teacher  # the audio-LLM student (not in the default)
+    python demo.py --rows=ark_td,ark_td_opd         # its TD rows, from that run's ark_base
 
 Speech: fortunes sentences in the Piper voice (synth.py); the second column is the same test (or
 dev) sentences in espeak-ng voices never heard in training. Rows: base = a 2-layer-decoder student
@@ -19,8 +20,10 @@ of updates each: opd (distill.py: topk_union, greedy, with the anti-loop measure
 on the teacher's transcripts: what users run today; not OPD). References: teacher (Whisper
 base) and tiny_en (Whisper tiny.en). The paper's own student shape, an audio-LLM (base's frozen
 encoder -> adapter -> a causal LM of 4 blocks from base's decoder layers 0 and 5): ark_base
-(train.py --student=audio_llm, supervised), and ark_opd (distill.py through text: the student's
-rollouts re-tokenized and scored by the teacher); its gap is ark_base -> teacher. Test WER is
+(train.py --student=audio_llm, supervised), ark_opd (distill.py through text: the student's
+rollouts re-tokenized and scored by the teacher), ark_td (ark_base on the teacher's transcripts
+of its 2,000 clips) and ark_td_opd (ark_td, then ark_opd); their gap is ark_base -> teacher.
+Test WER is
 scored greedy and with Whisper's temperature fallback (loops: the transcripts it redoes); gap
 closed comes with a paired bootstrap interval.
 Each student row runs its recipe in config/ (RECIPES: train.py or distill.py on that file), which
@@ -55,11 +58,12 @@ split = 'test'  # 'dev': score on the dev split (val, val_espeak) to choose sett
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
-STUDENT_ROWS = ['base', 'opd', 'opd_pure', 'opd_rkl', 'td', 'td_opd', 'dw', 'ark_base', 'ark_opd']
+STUDENT_ROWS = ['base', 'opd', 'opd_pure', 'opd_rkl', 'td', 'td_opd', 'dw', 'ark_base', 'ark_opd',
+                'ark_td', 'ark_td_opd']
 INIT = {'opd': 'base', 'opd_pure': 'base', 'opd_rkl': 'base', 'td': 'base', 'td_opd': 'td',
-        'dw': 'base', 'ark_opd': 'ark_base'}
-BASE_OF = dict(INIT, td_opd='base')  # the row whose gap to the teacher a row closes
-ARK_ROWS = {'ark_base', 'ark_opd'}  # the audio-LLM student: its own training clips
+        'dw': 'base', 'ark_opd': 'ark_base', 'ark_td': 'ark_base', 'ark_td_opd': 'ark_td'}
+BASE_OF = dict(INIT, td_opd='base', ark_td_opd='ark_base')  # the gap a row closes: BASE_OF[row]
+ARK_ROWS = {'ark_base', 'ark_opd', 'ark_td', 'ark_td_opd'}  # the audio-LLM: its own clips
 REF_ROWS = ['teacher', 'tiny_en']
 CACHE_DIR = 'out/demo/encoder_cache'  # base's encoder outputs, shared by every row, seed and run
 CORPUS_SEED = 1337
@@ -93,14 +97,19 @@ RECIPES = {'base': ('train.py', 'config/train_demo_base.py'),
            'dw': ('train.py', 'config/train_demo_dw.py'),
            'td_opd': ('distill.py', 'config/distill_demo_opd.py'),  # opd's, from td's weights
            'ark_base': ('train.py', 'config/train_ark_base.py'),
-           'ark_opd': ('distill.py', 'config/distill_ark_opd.py')}
+           'ark_opd': ('distill.py', 'config/distill_ark_opd.py'),
+           'ark_td': ('train.py', 'config/train_ark_td.py'),
+           'ark_td_opd': ('distill.py', 'config/distill_ark_opd.py')}  # from ark_td's weights
 TRAIN_DATA = {'base': 'labeled', 'opd': 'unlabeled', 'opd_pure': 'unlabeled',
               'opd_rkl': 'unlabeled', 'td_opd': 'unlabeled', 'ark_base': 'ark_train',
-              'ark_opd': 'ark_unlabeled'}
+              'ark_opd': 'ark_unlabeled', 'ark_td_opd': 'ark_unlabeled'}
 cfg = SMALL if small else FULL
 base_out = 'out/demo' + ('_small' if small else '')
 out = base_out + (f'_seed{seed}' if seed != 1337 else '')
-TEACHER_LABELS = os.path.join(out, 'teacher_labels.jsonl')  # td's and dw's data, made once
+# td's, dw's and ark_td's data: the teacher's transcripts of their family's unlabeled clips
+LABELS = {'td': 'unlabeled', 'dw': 'unlabeled', 'ark_td': 'ark_unlabeled'}
+TEACHER_LABELS = {'unlabeled': os.path.join(out, 'teacher_labels.jsonl'),
+                  'ark_unlabeled': os.path.join(out, 'ark_teacher_labels.jsonl')}
 want = [r for r in rows.split(',') if r]
 if split not in ('dev', 'test'):
     sys.exit(f"demo.py: error: split={split!r}: expected dev or test")
@@ -167,7 +176,7 @@ def recipe_run(row, paths):
     The overrides are this run's paths and seed; the smoke run's sizes too."""
     script, recipe = RECIPES[row]
     rdir = os.path.join(out, row)
-    train = TEACHER_LABELS if row in ('td', 'dw') else paths[TRAIN_DATA[row]]
+    train = TEACHER_LABELS[LABELS[row]] if row in LABELS else paths[TRAIN_DATA[row]]
     kw = dict(out_dir=rdir, train_manifest=train, val_manifest=paths['val'],
               encoder_cache_dir=CACHE_DIR, seed=seed)
     if row in INIT:
@@ -183,11 +192,11 @@ def run(script, recipe, overrides):
         sys.exit(f"demo.py: error: {script} {recipe} failed")
     return cmd
 
-def teacher_labels(paths, cache, path):
-    """The teacher's greedy transcripts of the unlabeled clips; those that do not end are
+def teacher_labels(paths, cache, name):
+    """The teacher's greedy transcripts of the clips of paths[name]; those that do not end are
     dropped."""
     model, tok, _ = checkpoint.load_checkpoint('weights/base')
-    rows = data.read_manifest(paths['unlabeled'])
+    rows, path = data.read_manifest(paths[name]), TEACHER_LABELS[name]
     tokens, ended = evaluate.decode(model, tok, rows, batch_size=16, encode=cache,
                                     max_new_tokens=64, check_speech=True)
     kept = [dict(r, text=tok.decode(t).strip()) for r, t, e in zip(rows, tokens, ended) if e and t]
@@ -208,8 +217,8 @@ def train_row(row, paths, cache):
     if os.path.exists(os.path.join(rdir, 'log.jsonl')):
         os.remove(os.path.join(rdir, 'log.jsonl'))
     t0 = time.time()
-    if row in ('td', 'dw') and not os.path.exists(TEACHER_LABELS):
-        teacher_labels(paths, cache, TEACHER_LABELS)
+    if row in LABELS and not os.path.exists(TEACHER_LABELS[LABELS[row]]):
+        teacher_labels(paths, cache, LABELS[row])
     cmd = run(*recipe_run(row, paths))
     summary = {'wall_s': time.time() - t0, 'ckpt': os.path.join(rdir, 'ckpt.pt'),
                'vuss_log': vuss_of(rdir), 'cmd': ' '.join(cmd[1:])}
@@ -403,7 +412,7 @@ def plot(results):
               color=['C1' if r in REF_ROWS else 'C0' for r in names])
     ax[0].set_ylabel('test WER (%)')
     ax[0].tick_params(axis='x', rotation=30)
-    for row in ('opd', 'opd_pure', 'opd_rkl', 'td_opd', 'ark_opd'):
+    for row in ('opd', 'opd_pure', 'opd_rkl', 'td_opd', 'ark_opd', 'ark_td_opd'):
         path = os.path.join(out, row, 'log.jsonl')
         if os.path.exists(path):
             log = [r for r in map(json.loads, open(path)) if 'kl_st' in r]
@@ -446,7 +455,7 @@ if __name__ == '__main__':
             res.pop('utts')  # per-utterance transcripts stay out of the table file
             res['ood'] = {k: ood[k] for k in SCORES}
             results[row] = dict(results.get(row, {}), **res)
-    for family in (('opd', 'td_opd', 'base'), ('ark_opd', 'ark_base')):  # one student of each
+    for family in (('opd', 'td_opd', 'base'), ('ark_opd', 'ark_td_opd', 'ark_base')):  # one each
         student = next((r for r in family if r in want and os.path.exists(row_path(r))), None)
         if student and 'teacher' in want:
             t0 = time.time()

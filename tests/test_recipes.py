@@ -89,6 +89,9 @@ DEMO_ROWS = {
                      lm_lr_scale=0.1, freeze_embeddings=True, max_iters=800, learning_rate=3e-3,
                      warmup_iters=10, eval_interval=200, batch_size=16),
     'ark_opd': dict(_OPD, max_iters=160, learning_rate=1e-4),
+    'ark_td': dict(_SUPERVISED, **dict(_UNLABELED, max_iters=160, learning_rate=1e-4),
+                   eval_interval=10 ** 6),
+    'ark_td_opd': dict(_OPD, max_iters=160, learning_rate=1e-4),
 }
 
 def demo_runs(monkeypatch, small):
