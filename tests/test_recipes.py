@@ -77,7 +77,7 @@ _OPD = dict(_UNLABELED, teacher_path='weights/base', eval_interval=0, ngram_stop
 DEMO_ROWS = {
     'base': dict(_SUPERVISED, init_from='weights/base', student_layers=2, freeze_embeddings=True,
                  max_iters=400, learning_rate=2e-4, warmup_iters=10, dropout=0.1,
-                 eval_interval=25, batch_size=8),
+                 eval_interval=50, batch_size=8),
     'opd': _OPD,
     'opd_pure': dict(_OPD, ngram_stop=0, loop_unlikelihood=0.0),
     'opd_rkl': dict(_OPD, loss='rkl', temperature=1.0),
