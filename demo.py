@@ -23,9 +23,8 @@ encoder -> adapter -> a causal LM of 4 blocks from base's decoder layers 0 and 5
 (train.py --student=audio_llm, supervised), ark_opd (distill.py through text: the student's
 rollouts re-tokenized and scored by the teacher), ark_td (ark_base on the teacher's transcripts
 of its 2,000 clips) and ark_td_opd (ark_td, then ark_opd); their gap is ark_base -> teacher.
-Test WER is
-scored greedy and with Whisper's temperature fallback (loops: the transcripts it redoes); gap
-closed comes with a paired bootstrap interval.
+Test WER is scored greedy and with Whisper's temperature fallback (loops: the transcripts it
+redoes); gap closed comes with a paired bootstrap interval.
 Each student row runs its recipe in config/ (RECIPES: train.py or distill.py on that file), which
 holds all of its training settings; demo.py adds only this run's paths and the seed (recipe_run),
 and for the smoke run a few steps on small batches.
