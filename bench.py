@@ -227,7 +227,7 @@ def bench_opd(teacher_path='weights/base', manifest='data/synth_grammar/train.js
     r32 = res['rollout_fp32'][0]
     r16 = res['rollout_bf16'][0] if bf16 else float('nan')
     print(f"rollout alone: float32 {1000 * r32:.0f} ms, bf16 K/V + projection copy "
-          f"{1000 * r16:.0f} ms (nan: no bf16 kernels on this CPU)")
+          f"{1000 * r16:.0f} ms" + ('' if bf16 else " (no bf16 kernels on this CPU)"))
 
 def bench_versus(ckpt, ref, manifest, repeat=2):
     """Two models (ours or Whisper weights) on the same labeled clips, CPU fp32, encoder included:

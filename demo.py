@@ -397,7 +397,8 @@ def over_seeds(name):
         json.dump({'seeds': list(runs), 'rows': table}, f, indent=1)
 
 def plot(results):
-    """demo.png: test WER per row; per step of the OPD rows the KL to the teacher and VUSS."""
+    """demo.png: test WER per row; the gap each student row closes, with its 95% interval; per
+    step of the OPD rows the KL to the teacher and VUSS."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -406,20 +407,29 @@ def plot(results):
         print("matplotlib not installed: no plot")
         return
     names = [r for r in REF_ROWS + STUDENT_ROWS if results.get(r, {}).get('wer') is not None]
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
     ax[0].bar(names, [100 * results[r]['wer'] for r in names],
               color=['C1' if r in REF_ROWS else 'C0' for r in names])
     ax[0].set_ylabel('test WER (%)')
-    ax[0].tick_params(axis='x', rotation=30)
+    closed = [r for r in STUDENT_ROWS if r in results.get('gap_closed', {})]
+    gap = [100 * results['gap_closed'][r] for r in closed]
+    ci = [results.get('gap_closed_ci95', {}).get(r) or [float('nan')] * 2 for r in closed]
+    err = [[max(0, g - 100 * c[0]) for g, c in zip(gap, ci)],  # no bar where no interval was kept
+           [max(0, 100 * c[1] - g) for g, c in zip(gap, ci)]]
+    ax[1].bar(closed, gap, yerr=err, capsize=3)
+    ax[1].axhline(0, color='k', lw=0.5)
+    ax[1].set(ylabel='gap to the teacher closed (%)', title='95% paired bootstrap interval')
+    for a in ax[:2]:
+        a.tick_params(axis='x', rotation=30)
     for row in ('opd', 'opd_pure', 'opd_rkl', 'td_opd', 'ark_opd', 'ark_td_opd'):
         path = os.path.join(out, row, 'log.jsonl')
         if os.path.exists(path):
             log = [r for r in map(json.loads, open(path)) if 'kl_st' in r]
-            ax[1].plot([r['iter'] for r in log], [r['kl_st'] for r in log], label=row)
-            ax[2].plot([r['iter'] for r in log], [r['vuss'] for r in log], label=row)
-    ax[1].set(xlabel='step', ylabel='KL(student || teacher) per token', title='on the rollouts')
-    ax[2].set(xlabel='step', ylabel='VUSS (k..2k, lower = more overlap)', title='support overlap')
-    for a in ax[1:]:
+            ax[2].plot([r['iter'] for r in log], [r['kl_st'] for r in log], label=row)
+            ax[3].plot([r['iter'] for r in log], [r['vuss'] for r in log], label=row)
+    ax[2].set(xlabel='step', ylabel='KL(student || teacher) per token', title='on the rollouts')
+    ax[3].set(xlabel='step', ylabel='VUSS (k..2k, lower = more overlap)', title='support overlap')
+    for a in ax[2:]:
         a.legend()
     fig.suptitle('nanoOPD: Table 1 in miniature')
     fig.tight_layout()
