@@ -280,8 +280,9 @@ def embed_audio(lm, tokens, xa, xa_mask=None):
     x = lm.token_embedding(tokens)
     slots = tokens == lm.audio_token
     if slots.any():
-        audio = lm.adapter(xa, xa_mask)
         n = slots.sum(1)
+        S = int(n.max()) * MERGE  # only the groups a slot reads: a short clip's 30-s window is
+        audio = lm.adapter(xa[:, :S], None if xa_mask is None else xa_mask[:, :S])  # mostly pad
         if (n > audio.shape[1]).any():
             raise ValueError(f"audio-LLM: {n.max().item()} <|audio|> slots but "
                              f"{audio.shape[1]} audio tokens")
