@@ -3,8 +3,9 @@
 # fine-tuned on Whisper base's greedy transcripts of the 2,000 ark clips (those that end; demo.py
 # writes them to out/demo/ark_teacher_labels.jsonl from the cached encoder outputs), supervised
 # like Ark-Base (token noise; its frozen parts stay frozen) at ark_opd's budget: the same 160
-# updates of 16 at its rate, every part at one rate as in distill.py, the last weights. On its
-# own, after that demo run: python train.py config/train_ark_td.py
+# updates of 16 at its rate, every part at one rate as in distill.py, the last weights: on dev,
+# 3e-4 or 320 updates did no better (RESULTS.md). On its own, after that demo run:
+# python train.py config/train_ark_td.py
 out_dir = 'out/demo/ark_td'
 init_from = 'out/demo/ark_base/ckpt.pt'
 encoder_cache_dir = 'out/demo/encoder_cache'  # the demo's cached base encoder outputs
